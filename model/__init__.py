@@ -1,0 +1,1 @@
+"""HF integration (filled in by the reflective-model work)."""

@@ -1,0 +1,86 @@
+"""Shared Triton pieces of the SPRM head: logit(x) = w2 . relu(W1 x + b1) + b2, split over the F = 2H features.
+
+A program owns BLOCK_S rows and a column range [col_begin, col_end) of W1; it returns the partial logit of its
+rows over that range. ReLU sits between the layers, so F is split and never H: every F tile sees the complete
+pre-activation and its partial logits simply add across tiles.
+"""
+
+import triton
+import triton.language as tl
+
+
+LOG_PROB_EPS = tl.constexpr(-23.025850929940457)  # log(1e-10), the clamp of the public implementation
+
+
+@triton.jit
+def head_partial_logit(
+    hidden_ptr,
+    row_offset,  # [BLOCK_S] int64 element offset of each row in `hidden`
+    row_mask,  # [BLOCK_S] bool
+    w1_ptr,
+    stride_w1,  # row stride of W1 [F, H]
+    b1_ptr,
+    w2_ptr,
+    col_begin,
+    col_end,
+    H,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: its bf16 arithmetic is wrong, so compute in fp32 there
+    FP32_INPUTS: tl.constexpr,  # fp32 operands: ask for IEEE fp32 products, not TF32
+):
+    partial = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for n0 in range(col_begin, col_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < col_end
+        acc = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            x = tl.load(
+                hidden_ptr + row_offset[:, None] + ks[None, :],
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            # W1 is [F, H]; read the tile transposed, [BLOCK_K, BLOCK_N], so that x @ w gives [BLOCK_S, BLOCK_N].
+            w = tl.load(
+                w1_ptr + cols[None, :].to(tl.int64) * stride_w1 + ks[:, None],
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if FP32_INPUTS:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        b1 = tl.load(b1_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        pre = acc + b1[None, :]
+        # where(pre < 0, 0, pre) rather than maximum: NaN must propagate (maximum may drop it on GPUs).
+        act = tl.where(pre < 0.0, 0.0, pre)
+        w2 = tl.load(w2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        partial += tl.sum(act * w2[None, :], axis=1)
+    return partial
+
+
+@triton.jit
+def log1p_small(y):
+    """log(1 + y) for y in [0, 1] from basic ops only (no libdevice): Goldberg's correction of log(1 + y)."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
+def clamped_log_sigmoid(z):
+    """max(log sigmoid(z), log 1e-10), stable for any |z|; NaN stays NaN."""
+    log_sig = tl.minimum(z, 0.0) - log1p_small(tl.exp(-tl.abs(z)))
+    log_sig = tl.where(z != z, z, log_sig)
+    return tl.where(log_sig < LOG_PROB_EPS, LOG_PROB_EPS, log_sig)
+
+
+@triton.jit
+def stable_sigmoid(z):
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -1,0 +1,100 @@
+"""sum_log[b] += is_step[b] * log max(sigmoid(w2 . relu(W1 h[b] + b1) + b2), 1e-10); count[b] += is_step[b].
+
+Shapes: hidden (B, H) with any row stride, is_step (B,) bool, running sum_log (B,) fp32 and count (B,) int64.
+Fixed shapes and no host synchronisation, so a decode step that calls it can be captured in a CUDA graph.
+Grid (NUM_SPLITS, cdiv(B, BLOCK_S)) as in sprm_score; the last program adds the partials in a fixed order,
+updates the running sums and resets the ticket counter to zero for the next call.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .head import clamped_log_sigmoid, head_partial_logit, stable_sigmoid
+from .sprm_score import ScoreConfig, interpreting
+
+
+@triton.jit
+def step_scorer_kernel(
+    hidden_ptr,
+    stride_h,
+    is_step_ptr,
+    w1_ptr,
+    stride_w1,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    partial_ptr,  # [NUM_SPLITS, B] fp32 workspace
+    ticket_ptr,  # int32 counter: zero on entry, reset to zero on exit
+    sum_log_ptr,
+    count_ptr,
+    step_prob_ptr,  # [B] fp32: this call's step probability of every row (flagged or not)
+    B,
+    H,
+    F,
+    cols_per_split,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP32_INPUTS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_mask = rows < B
+    col_begin = pid_n * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, F)
+    partial = head_partial_logit(
+        hidden_ptr, rows * stride_h, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin, col_end, H,
+        BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
+    )  # fmt: skip
+    tl.store(partial_ptr + pid_n.to(tl.int64) * B + rows, partial, mask=row_mask)
+
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        b2 = tl.load(b2_ptr).to(tl.float32)
+        for r0 in range(0, B, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+            r_mask = r < B
+            logit = tl.zeros([BLOCK_R], dtype=tl.float32)
+            split_ptr = partial_ptr + r
+            for _ in range(NUM_SPLITS):
+                logit += tl.load(split_ptr, mask=r_mask, other=0.0, cache_modifier=".cg")
+                split_ptr += B
+            logit += b2
+            flagged = tl.load(is_step_ptr + r, mask=r_mask, other=0) != 0
+            sum_log = tl.load(sum_log_ptr + r, mask=r_mask, other=0.0)
+            count = tl.load(count_ptr + r, mask=r_mask, other=0)
+            tl.store(sum_log_ptr + r, tl.where(flagged, sum_log + clamped_log_sigmoid(logit), sum_log), mask=r_mask)
+            tl.store(count_ptr + r, tl.where(flagged, count + 1, count), mask=r_mask)
+            tl.store(step_prob_ptr + r, stable_sigmoid(logit), mask=r_mask)
+        tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch on this stream
+
+
+def launch_step_scorer(
+    hidden, is_step, w1, b1, w2, b2, partial, ticket, sum_log, count, step_prob, config: ScoreConfig
+) -> None:
+    batch, hidden_size = hidden.shape
+    grid = (config.num_splits, triton.cdiv(batch, config.block_s))
+    step_scorer_kernel[grid](
+        hidden, hidden.stride(0), is_step,
+        w1, w1.stride(0), b1, w2, b2,
+        partial, ticket, sum_log, count, step_prob,
+        batch, hidden_size, w1.shape[0], config.cols_per_split,
+        NUM_SPLITS=config.num_splits,
+        BLOCK_S=config.block_s,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        BLOCK_R=config.block_r,
+        UPCAST=interpreting(),
+        FP32_INPUTS=hidden.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+
