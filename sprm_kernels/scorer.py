@@ -40,9 +40,10 @@ class StepScorer:
         self.count = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.step_prob = torch.zeros(batch_size, dtype=torch.float32, device=self.device)
         if self.backend == "triton":
-            from .kernels.sprm_score import pick_score_config
+            from .kernels.sprm_score import device_sm_count, pick_score_config
 
-            self.config = pick_score_config(batch_size, self.hidden_size, w1.shape[0], self.dtype, self.device)
+            num_sms = device_sm_count(self.device)
+            self.config = pick_score_config(batch_size, self.hidden_size, w1.shape[0], self.dtype, num_sms)
             self.partial = torch.empty(self.config.num_splits * batch_size, dtype=torch.float32, device=self.device)
             self.ticket = torch.zeros(1, dtype=torch.int32, device=self.device)
 

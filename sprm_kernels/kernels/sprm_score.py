@@ -98,9 +98,9 @@ def sprm_score_kernel(
             lo = tl.load(offsets_ptr + b)
             hi = tl.load(offsets_ptr + b + 1)
             acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for r0 in range(lo, hi, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                acc += tl.load(partial_ptr + r, mask=r < hi, other=0.0, cache_modifier=".cg")
+            for row0 in range(lo, hi, BLOCK_R):
+                row = row0 + tl.arange(0, BLOCK_R)
+                acc += tl.load(partial_ptr + row, mask=row < hi, other=0.0, cache_modifier=".cg")
             count = hi - lo
             mean = tl.sum(acc, axis=0) / tl.maximum(count, 1).to(tl.float32)
             log_score = tl.where(count > 0, mean, float("-inf"))
@@ -135,15 +135,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _device_programs_target(device: torch.device) -> int:
-    """About two waves of programs: enough to spread W1's stream over every SM in the decode regime."""
+def device_sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter's tiles are used)."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one at a time; a few splits keep the split path exercised
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
 
 
-def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.dtype, device) -> ScoreConfig:
-    """Tiles by shape: small S (decode) spreads W1 over many column splits; large S is a plain row-tiled GEMM."""
+def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.dtype, num_sms: int | None):
+    """Tiles by shape: small S (decode) spreads W1 over many column splits; large S is a plain row-tiled GEMM.
+
+    `num_sms` is the GPU's SM count, or None for the interpreter, which gets small tiles (its numpy work per
+    program stays small) and a target of 4 programs so that the multi-split path is exercised on CPU too.
+    """
     block_k = 32 if dtype == torch.float32 else 64
     if num_rows <= 16:
         block_s, block_n, warps, stages = 16, 32, 4, 4
@@ -151,11 +155,12 @@ def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.
         block_s, block_n, warps, stages = 64, 64, 4, 3
     else:
         block_s, block_n, warps, stages = 128, 128 if dtype != torch.float32 else 64, 8, 3
-    if device.type != "cuda":  # interpreter: smaller tiles keep the numpy work per program small
+    if num_sms is None:
         block_s, block_n, block_k = min(block_s, 16), min(block_n, 32), min(block_k, 32)
+    target_programs = 4 if num_sms is None else 2 * num_sms  # about two waves: W1's stream spread over all SMs
     row_blocks = triton.cdiv(max(num_rows, 1), block_s)
     col_tiles = triton.cdiv(width, block_n)
-    splits = max(1, min(col_tiles, triton.cdiv(_device_programs_target(device), row_blocks)))
+    splits = max(1, min(col_tiles, triton.cdiv(target_programs, row_blocks)))
     tiles_per_split = triton.cdiv(col_tiles, splits)
     splits = triton.cdiv(col_tiles, tiles_per_split)
     return ScoreConfig(block_s, block_n, block_k, splits, tiles_per_split * block_n, warps, stages)
@@ -168,14 +173,14 @@ def hidden_row_strides(hidden: torch.Tensor) -> tuple[int, int, int]:
     return hidden.stride(0), hidden.stride(1), max(hidden.shape[1], 1)
 
 
-def launch_sprm_score(
+def prepare_sprm_score(
     hidden, step_index, offsets, w1, b1, w2, b2, *, group_size, return_step_scores, config: ScoreConfig | None = None
 ):
-    """Allocates outputs and launches the fused kernel once. Arguments are validated by the caller."""
+    """Allocates outputs and workspace; returns (outputs, grid, args, meta) for one launch of the kernel."""
     device = hidden.device
     num_rows, hidden_size, width = step_index.numel(), hidden.shape[-1], w1.shape[0]
     num_candidates = offsets.numel() - 1
-    cfg = config or pick_score_config(num_rows, hidden_size, width, hidden.dtype, device)
+    cfg = config or pick_score_config(num_rows, hidden_size, width, hidden.dtype, device_sm_count(device))
     score = torch.empty(num_candidates, dtype=torch.float32, device=device)
     log_score = torch.empty_like(score)
     num_steps = torch.empty(num_candidates, dtype=torch.int64, device=device)
@@ -185,7 +190,7 @@ def launch_sprm_score(
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
     stride_hb, stride_ht, seq_len = hidden_row_strides(hidden)
     grid = (cfg.num_splits, triton.cdiv(max(num_rows, 1), cfg.block_s))
-    sprm_score_kernel[grid](
+    args = (
         hidden, stride_hb, stride_ht, seq_len,
         step_index, offsets,
         w1, w1.stride(0), b1, w2, b2,
@@ -194,6 +199,8 @@ def launch_sprm_score(
         log_score, score, num_steps,
         best if best is not None else num_steps,  # never written when not asked for
         num_rows, hidden_size, width, num_candidates, group_size or 1, cfg.cols_per_split,
+    )  # fmt: skip
+    meta = dict(
         NUM_SPLITS=cfg.num_splits,
         BLOCK_S=cfg.block_s,
         BLOCK_N=cfg.block_n,
@@ -205,5 +212,12 @@ def launch_sprm_score(
         FP32_INPUTS=hidden.dtype == torch.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return score, log_score, num_steps, step_scores, best
+    )
+    return (score, log_score, num_steps, step_scores, best), grid, args, meta
+
+
+def launch_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options):
+    """One launch of the fused kernel. Arguments are validated by the caller (ops.sprm_score)."""
+    outputs, grid, args, meta = prepare_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options)
+    sprm_score_kernel[grid](*args, **meta)
+    return outputs

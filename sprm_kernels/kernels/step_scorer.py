@@ -77,16 +77,17 @@ def step_scorer_kernel(
         tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch on this stream
 
 
-def launch_step_scorer(
-    hidden, is_step, w1, b1, w2, b2, partial, ticket, sum_log, count, step_prob, config: ScoreConfig
-) -> None:
+def prepare_step_scorer(hidden, is_step, w1, b1, w2, b2, partial, ticket, sum_log, count, step_prob, config):
+    """(grid, args, meta) for one launch; the buffers belong to the StepScorer and never move."""
     batch, hidden_size = hidden.shape
     grid = (config.num_splits, triton.cdiv(batch, config.block_s))
-    step_scorer_kernel[grid](
+    args = (
         hidden, hidden.stride(0), is_step,
         w1, w1.stride(0), b1, w2, b2,
         partial, ticket, sum_log, count, step_prob,
         batch, hidden_size, w1.shape[0], config.cols_per_split,
+    )  # fmt: skip
+    meta = dict(
         NUM_SPLITS=config.num_splits,
         BLOCK_S=config.block_s,
         BLOCK_N=config.block_n,
@@ -96,5 +97,10 @@ def launch_step_scorer(
         FP32_INPUTS=hidden.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-    )  # fmt: skip
+    )
+    return grid, args, meta
 
+
+def launch_step_scorer(*buffers) -> None:
+    grid, args, meta = prepare_step_scorer(*buffers)
+    step_scorer_kernel[grid](*args, **meta)
