@@ -39,7 +39,7 @@ ROW_COUNTS = {"decode": 8, "medium": 512, "large": 32768}
 def _signature(kernel, args, meta):
     """(signature, constexprs, attrs) as the JIT would specialise these arguments."""
     names = kernel.arg_names
-    values = dict(zip(names, args))
+    values = dict(zip(names, args, strict=True))
     values.update({k: v for k, v in meta.items() if k in names})
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(names):
@@ -134,7 +134,7 @@ def _meta_tensor(shape, dtype):
 
 
 def _cases(arch: int):
-    """(kernel name, dtype, shape description, kernel, args, meta) for each representative launch."""
+    """(name, dtype, shape, regime, kernel, args, meta) for each representative launch."""
     from .kernels.sprm_score import pick_score_config, prepare_sprm_score, sprm_score_kernel
     from .kernels.step_positions import step_positions_count_kernel, step_positions_write_kernel
     from .kernels.step_scorer import prepare_step_scorer, step_scorer_kernel
@@ -154,7 +154,7 @@ def _cases(arch: int):
                     group_size=8, return_step_scores=True, config=cfg,
                 )  # fmt: skip
                 meta["UPCAST"] = False
-                yield "sprm_score", dtype, f"S={rows} H={hidden_size}", regime, sprm_score_kernel, args, meta, cfg
+                yield "sprm_score", dtype, f"S={rows} H={hidden_size}", regime, sprm_score_kernel, args, meta
             for batch in (8, 32):
                 cfg = pick_score_config(batch, hidden_size, width, dtype, SMS[arch])
                 grid, args, meta = prepare_step_scorer(
@@ -164,7 +164,7 @@ def _cases(arch: int):
                     _meta_tensor((batch,), torch.int64), _meta_tensor((batch,), torch.float32), cfg,
                 )  # fmt: skip
                 meta["UPCAST"] = False
-                yield "step_scorer", dtype, f"B={batch} H={hidden_size}", "decode", step_scorer_kernel, args, meta, cfg
+                yield "step_scorer", dtype, f"B={batch} H={hidden_size}", "decode", step_scorer_kernel, args, meta
     ids, table = _meta_tensor((8 * 4096,), torch.int64), _meta_tensor((151_000,), torch.uint8)
     bounds, counts, offsets = (_meta_tensor((8, 2), torch.int64), _meta_tensor((8,), torch.int64),
                                _meta_tensor((9,), torch.int64))  # fmt: skip
@@ -175,8 +175,8 @@ def _cases(arch: int):
                       bounds, counts)  # fmt: skip
         write_args = (ids, _meta_tensor((8 * 4096,), torch.uint8), offsets, table, 151_000, 4096, 151_648, bounds,
                       offsets, _meta_tensor((100,), torch.int64))  # fmt: skip
-        yield "step_positions_count", torch.int64, layout, "-", step_positions_count_kernel, count_args, meta, None
-        yield "step_positions_write", torch.int64, layout, "-", step_positions_write_kernel, write_args, meta, None
+        yield "step_positions_count", torch.int64, layout, "-", step_positions_count_kernel, count_args, meta
+        yield "step_positions_write", torch.int64, layout, "-", step_positions_write_kernel, write_args, meta
 
 
 def main(argv=None) -> int:
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     records, failures = [], 0
     for arch in args.arch:
-        for name, dtype, shape, regime, kernel, kargs, meta, cfg in _cases(arch):
+        for name, dtype, shape, regime, kernel, kargs, meta in _cases(arch):
             record = {
                 "kernel": name,
                 "arch": f"sm_{arch}",

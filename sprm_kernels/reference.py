@@ -43,7 +43,7 @@ def _row_segments(input_ids, attention_mask, cu_seqlens):
     """Yield (flat_positions, token_ids, real) per candidate: the row's flat indices, ids and padding mask."""
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             yield list(range(lo, hi)), input_ids[lo:hi].tolist(), [True] * (hi - lo)
         return
     batch, length = input_ids.shape

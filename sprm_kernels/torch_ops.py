@@ -27,9 +27,10 @@ def _flatten_rows(input_ids, attention_mask, cu_seqlens):
     return input_ids.reshape(-1), candidate, position, real.reshape(-1), batch
 
 
-def _first_or(values_where, candidate, position, num_candidates, fill, reduce):
+def _reduce_positions(where, candidate, position, num_candidates, fill, reduce):
+    """Per candidate, the min or max ("amin"/"amax") position where `where` holds; `fill` if it never does."""
     out = torch.full((num_candidates,), fill, dtype=torch.int64, device=position.device)
-    return out.scatter_reduce(0, candidate[values_where], position[values_where], reduce=reduce)
+    return out.scatter_reduce(0, candidate[where], position[where], reduce=reduce)
 
 
 def step_positions_torch(input_ids, step_token_ids, think_start_id, think_end_id, attention_mask, cu_seqlens):
@@ -47,11 +48,14 @@ def step_positions_torch(input_ids, step_token_ids, think_start_id, think_end_id
     big = torch.iinfo(torch.int64).max
     n_open = torch.bincount(candidate[is_open], minlength=num_candidates)
     n_close = torch.bincount(candidate[is_close], minlength=num_candidates)
-    first_real = _first_or(real, candidate, position, num_candidates, big, "amin")
-    last_real = _first_or(real, candidate, position, num_candidates, -1, "amax")
+    first_real = _reduce_positions(real, candidate, position, num_candidates, big, "amin")
+    last_real = _reduce_positions(real, candidate, position, num_candidates, -1, "amax")
     first_real = torch.where(last_real >= 0, first_real, 0)
-    lower = torch.where(n_open == 1, _first_or(is_open, candidate, position, num_candidates, big, "amin"), first_real)
-    upper = torch.where(n_close == 1, _first_or(is_close, candidate, position, num_candidates, big, "amin"), last_real + 1)
+    first_open = _reduce_positions(is_open, candidate, position, num_candidates, big, "amin")
+    first_close = _reduce_positions(is_close, candidate, position, num_candidates, big, "amin")
+    # A marker counts only if it occurs exactly once; otherwise the span is the whole (real) sequence.
+    lower = torch.where(n_open == 1, first_open, first_real)
+    upper = torch.where(n_close == 1, first_close, last_real + 1)
 
     scored = (
         same_row_next

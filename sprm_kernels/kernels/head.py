@@ -8,7 +8,6 @@ pre-activation and its partial logits simply add across tiles.
 import triton
 import triton.language as tl
 
-
 LOG_PROB_EPS = tl.constexpr(-23.025850929940457)  # log(1e-10), the clamp of the public implementation
 
 

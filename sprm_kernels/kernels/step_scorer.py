@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .head import clamped_log_sigmoid, head_partial_logit, stable_sigmoid
-from .sprm_score import ScoreConfig, interpreting
+from .sprm_score import interpreting
 
 
 @triton.jit
