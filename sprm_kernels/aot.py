@@ -39,7 +39,7 @@ ROW_COUNTS = {"decode": 8, "medium": 512, "large": 32768}
 def _signature(kernel, args, meta):
     """(signature, constexprs, attrs) as the JIT would specialise these arguments."""
     names = kernel.arg_names
-    values = dict(zip(names, args, strict=True))
+    values = dict(zip(names[: len(args)], args, strict=True))  # the constexprs follow, from meta
     values.update({k: v for k, v in meta.items() if k in names})
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(names):
