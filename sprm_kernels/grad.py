@@ -1,0 +1,184 @@
+"""Differentiable step logits for training the head: logit[s] = w2 . relu(W1 h[idx[s]] + b1) + b2, with backward.
+
+`sprm_step_logits` is the training sibling of `sprm_score`: it returns the raw per-step logits (the input of the
+SPR loss) and supports autograd for W1, b1, W2, b2 and, when `hidden.requires_grad`, the hidden states. As in
+the public training code (`features * 1e-4 + features.detach() * (1 - 1e-4)`), only `feature_grad_scale` of the
+hidden-state gradient reaches the backbone; it is scattered back to the gathered rows (duplicates accumulate).
+
+Forward: one Triton launch on the triton route (kernels/step_logits.py: the [S, F] activations never reach
+memory), fp32 PyTorch on the torch route. Backward recomputes the activations instead of saving them: it holds
+one transient [S, F] buffer in the GEMM dtype while it runs, and nothing of size [S, F] lives between forward and
+backward. Its three GEMMs (recompute, dW1, dX) run in PyTorch (cuBLAS on GPUs) in hidden's dtype with fp32
+accumulation; the [S]- and [F]-sized work runs in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import resolve_backend
+from .reference import gather_rows
+from .validation import FLOAT_DTYPES, check_tensor
+
+# The torch route also takes float64 (for gradcheck and float64 references); the triton route does not.
+GRAD_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_args(hidden, step_index, w1, b1, w2, b2, feature_grad_scale) -> None:
+    """hidden, the head (nn.Linear layout, float64 allowed), the step rows (one host synchronisation), the scale."""
+    check_tensor("hidden", hidden, dims=(2, 3), dtypes=GRAD_FLOAT_DTYPES)
+    hidden_size, device = hidden.shape[-1], hidden.device
+    if hidden_size == 0:
+        _fail("hidden", "H >= 1", f"shape {tuple(hidden.shape)}")
+    if hidden.stride(-1) != 1 and hidden_size > 1:
+        _fail("hidden", "unit stride in its last dimension (any row strides are fine)", f"strides {hidden.stride()}")
+    check_tensor("w1", w1, dims=(2,), dtypes=(hidden.dtype,), device=device)
+    width = w1.shape[0]
+    if w1.shape[1] != hidden_size or width == 0:
+        _fail("w1", f"shape [F, {hidden_size}] with F >= 1 (H of `hidden`)", f"shape {tuple(w1.shape)}")
+    if w1.stride(-1) != 1 and hidden_size > 1:
+        _fail("w1", "unit stride in its last dimension", f"strides {w1.stride()}")
+    check_tensor("b1", b1, dims=(1,), dtypes=GRAD_FLOAT_DTYPES, device=device)
+    if b1.shape[0] != width:
+        _fail("b1", f"shape [{width}]", f"shape {tuple(b1.shape)}")
+    check_tensor("w2", w2, dims=(1, 2), dtypes=GRAD_FLOAT_DTYPES, device=device)
+    if w2.numel() != width or (w2.dim() == 2 and w2.shape[0] != 1):
+        _fail("w2", f"shape [1, {width}]", f"shape {tuple(w2.shape)}")
+    check_tensor("b2", b2, dims=(0, 1), dtypes=GRAD_FLOAT_DTYPES, device=device)
+    if b2.numel() != 1:
+        _fail("b2", "shape [1]", f"shape {tuple(b2.shape)}")
+    if isinstance(feature_grad_scale, bool) or not isinstance(feature_grad_scale, (int, float)):
+        _fail("feature_grad_scale", "a real number in [0, inf)", repr(feature_grad_scale))
+    if not (math.isfinite(feature_grad_scale) and feature_grad_scale >= 0):
+        _fail("feature_grad_scale", "a real number in [0, inf)", repr(feature_grad_scale))
+    check_tensor("step_index", step_index, dims=(1,), dtypes=(torch.int64,), device=device)
+    num_rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[0] * hidden.shape[1]
+    if step_index.numel():
+        low, high = torch.stack([step_index.min(), step_index.max()]).tolist()
+        if low < 0 or high >= num_rows:
+            _fail("step_index", f"indices in [0, {num_rows}) (rows of `hidden`)", f"values in [{low}, {high}]")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16- and 32-bit inputs, fp64 for fp64: the dtype of the logits and of the small-vector work."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _head_logits(rows, w1, b1, w2, b2) -> torch.Tensor:
+    """The torch route's forward: the head on the gathered rows in fp32 (fp64 for fp64 inputs), [S, H] -> [S]."""
+    dtype = _compute_dtype(rows.dtype)
+    act = F.relu(F.linear(rows.to(dtype), w1.to(dtype), b1.to(dtype)))
+    return F.linear(act, w2.reshape(1, -1).to(dtype), b2.reshape(1).to(dtype)).squeeze(-1)
+
+
+def _head_backward(hidden, step_index, w1, b1, w2, b2, grad_logits, needs, feature_grad_scale):
+    """Gradients of sum_s g[s] * logit[s] for (hidden, w1, b1, w2, b2), recomputing the [S, F] activations.
+
+    One [S, F] buffer in hidden's dtype: it holds relu(X W1^T + b1) (for dW2), then, in place, the gradient of the
+    pre-activation g[s] * w2[f] * [pre > 0] (for db1, dW1 = G^T X and dX = G W1).
+    """
+    need_hidden, need_w1, need_b1, need_w2, need_b2 = needs
+    gemm_dtype, small_dtype = w1.dtype, _compute_dtype(w1.dtype)
+    g = grad_logits.to(small_dtype)
+    grad_b2 = g.sum().reshape(b2.shape).to(b2.dtype) if need_b2 else None
+    if not (need_hidden or need_w1 or need_b1 or need_w2):
+        return None, None, None, None, grad_b2
+    rows = gather_rows(hidden, step_index)  # [S, H]
+    buffer = torch.addmm(b1.to(gemm_dtype), rows, w1.t()).relu_()  # [S, F] activations, recomputed
+    grad_w2 = None
+    if need_w2:
+        grad_w2 = (g.to(gemm_dtype) @ buffer).to(small_dtype).reshape(w2.shape).to(w2.dtype)
+    grad_pre = buffer.gt_(0).mul_(w2.reshape(1, -1).to(gemm_dtype)).mul_(g.to(gemm_dtype)[:, None])
+    grad_b1 = grad_pre.sum(0, dtype=small_dtype).to(b1.dtype) if need_b1 else None
+    grad_w1 = (grad_pre.t() @ rows).to(w1.dtype) if need_w1 else None
+    grad_hidden = None
+    if need_hidden and feature_grad_scale != 0:
+        grad_rows = (grad_pre @ w1).mul_(feature_grad_scale).to(hidden.dtype)  # [S, H]
+        grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_hidden.view(-1, hidden.shape[-1]).index_add_(0, step_index, grad_rows)
+    return grad_hidden, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class _StepLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, step_index, w1, b1, w2, b2, feature_grad_scale, use_triton):
+        with torch.autocast(hidden.device.type, enabled=False):
+            if use_triton:
+                from .kernels.step_logits import launch_step_logits
+
+                logits = launch_step_logits(
+                    hidden, step_index, w1, b1.contiguous(), w2.reshape(-1).contiguous(), b2.reshape(-1).contiguous()
+                )
+            else:
+                logits = _head_logits(gather_rows(hidden, step_index), w1, b1, w2, b2)
+        # References, not copies: nothing of size [S, F] is kept for backward.
+        ctx.save_for_backward(hidden, step_index, w1, b1, w2, b2)
+        ctx.feature_grad_scale = float(feature_grad_scale)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, step_index, w1, b1, w2, b2 = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
+        with torch.autocast(hidden.device.type, enabled=False):
+            grads = _head_backward(hidden, step_index, w1, b1, w2, b2, grad_logits, needs, ctx.feature_grad_scale)
+        grad_hidden, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+        return grad_hidden, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def sprm_step_logits(
+    hidden: torch.Tensor,
+    step_index: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    feature_grad_scale: float = 1e-4,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-step head logits [S] (fp32; fp64 for fp64 inputs) at the flat rows `step_index`, differentiable.
+
+    hidden [N, H] or [B, T, H] (any row strides, unit last stride; bf16, fp16, fp32, or fp64 on the torch route);
+    step_index [S] int64 flat rows (b*T + t for [B, T, H]; repeats allowed); W1 [F, H] in hidden's dtype, b1 [F],
+    W2 [1, F] or [F], b2 [1] (F = 2H). Gradients flow to every head tensor that requires grad, and to `hidden`
+    when it requires grad, multiplied by `feature_grad_scale` (the forward value is not scaled), scattered back
+    to the gathered rows with index_add (repeated rows accumulate; bitwise deterministic when the rows are
+    distinct, as `step_positions` makes them). Head in eval mode: no dropout.
+    Validation reads the index range on the host (one synchronisation) so that bad indices fail before launch.
+    """
+    _check_args(hidden, step_index, w1, b1, w2, b2, feature_grad_scale)
+    route = resolve_backend(hidden.device, backend)
+    if hidden.dtype == torch.float64 and route == "triton":
+        if backend == "triton":
+            _fail("hidden", "bf16, fp16 or fp32 on the triton route (float64 runs on backend='torch')", hidden.dtype)
+        route = "torch"
+    return _StepLogits.apply(hidden, step_index, w1, b1, w2, b2, feature_grad_scale, route == "triton")
+
+
+def sprm_step_logits_reference(
+    hidden: torch.Tensor,
+    step_index: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    feature_grad_scale: float = 1e-4,
+) -> torch.Tensor:
+    """Eager autograd reference: the public training code's feature blend, then the head in the inputs' dtype.
+
+    features * s + features.detach() * (1 - s) passes s of the gradient to `hidden` (its value equals `hidden`
+    up to rounding); the logits are cast to float as in `sprm_score_reference` (fp64 stays fp64).
+    """
+    features = hidden * feature_grad_scale + hidden.detach() * (1 - feature_grad_scale)
+    rows = gather_rows(features, step_index)
+    logits = F.linear(F.relu(F.linear(rows, w1, b1)), w2.reshape(1, -1), b2.reshape(1)).squeeze(-1)
+    return logits.to(_compute_dtype(logits.dtype))
