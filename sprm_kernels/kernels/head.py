@@ -68,7 +68,8 @@ def head_partial_logit(
 def log1p_small(y):
     """log(1 + y) for y in [0, 1] from basic ops only (no libdevice): Goldberg's correction of log(1 + y)."""
     u = 1.0 + y
-    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    exact = u == 1.0
+    return tl.where(exact, y, tl.log(u) * (y / tl.where(exact, 1.0, u - 1.0)))  # no 0/0 in the unused branch
 
 
 @triton.jit

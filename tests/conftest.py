@@ -1,0 +1,45 @@
+"""Test session setup: without CUDA, Triton kernels run under the interpreter, which must be enabled before
+triton is imported (importing torch does not import triton)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# (device, backend) pairs every kernel test runs on: the Triton kernels (compiled on CUDA, interpreted on CPU)
+# and the PyTorch path.
+ROUTES = [pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.cuda)] if HAS_CUDA else []
+ROUTES += [pytest.param(("cpu", "torch"), id="cpu-torch")]
+if INTERPRETING:
+    ROUTES += [pytest.param(("cpu", "triton"), id="cpu-interpreter")]
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")
+
+
+@pytest.fixture(params=ROUTES)
+def route(request):
+    return request.param
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every torch.empty / empty_like in the code under test returns poison (NaN, or -7777 for integers), so a
+    result element the kernel forgot to write cannot pass by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.device.type == "meta":
+            return tensor
+        if tensor.is_floating_point():
+            return tensor.fill_(float("nan"))
+        return tensor.fill_(True if tensor.dtype == torch.bool else 255 if tensor.dtype == torch.uint8 else -7777)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    yield
