@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .dispatch import resolve_backend
 from .reference import gather_rows
@@ -124,6 +125,7 @@ class _StepLogits(torch.autograd.Function):
         return logits
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logits):
         hidden, step_index, w1, b1, w2, b2 = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5))
