@@ -6,7 +6,7 @@ inputs; errors are measured relative to the largest magnitude of the truth (max 
   closed-form backward against finite differences.
 - fp32: the forward accumulates in fp32 (IEEE products on the triton route), the backward runs fp32 GEMMs;
   with H <= 67, F <= 134 and O(1) terms the summation bound n * eps32 is <= 8e-6 relative; we assert 2e-5.
-- bf16 / fp16: the forward still accumulates in fp32 (same 5e-5 bound); the backward's GEMMs run in the input
+- bf16 / fp16: the forward still accumulates in fp32 (same 2e-5 bound); the backward's GEMMs run in the input
   dtype, as autograd through the eager head in that dtype does (the public training code's autocast). Flash-
   attention's rule: the route's gradient error is at most 2x that of eager autograd in the input dtype, plus a
   floor of a few units of the dtype's rounding (2^-8 bf16, 2^-11 fp16) for the cases where eager is lucky.
