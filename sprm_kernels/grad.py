@@ -92,7 +92,7 @@ def _head_backward(hidden, step_index, w1, b1, w2, b2, grad_logits, needs, featu
     if not (need_hidden or need_w1 or need_b1 or need_w2):
         return None, None, None, None, grad_b2
     rows = gather_rows(hidden, step_index)  # [S, H]
-    buffer = torch.addmm(b1.to(gemm_dtype), rows, w1.t()).relu_()  # [S, F] activations, recomputed
+    buffer = F.linear(rows, w1, b1.to(gemm_dtype)).relu_()  # [S, F] activations, recomputed
     grad_w2 = None
     if need_w2:
         grad_w2 = (g.to(gemm_dtype) @ buffer).to(small_dtype).reshape(w2.shape).to(w2.dtype)
