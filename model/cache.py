@@ -1,0 +1,32 @@
+"""The KV cache operations best-of-k needs, on `DynamicCache` (verified on transformers 4.45.2 and 5.23)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def new_cache(model):
+    """An empty `DynamicCache` for `model`. Passing one in also keeps 4.x from returning legacy tuples."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)  # 5.x: per-layer types (sliding-window layers)
+    except TypeError:  # 4.x takes no config
+        cache = DynamicCache()
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()  # 5.x sliding-window layers: keep what `crop` will need to roll back
+    return cache
+
+
+def keep_row(cache, row: int, length: int) -> None:
+    """Keep only batch row `row` of `cache`, cropped to its first `length` tokens (in place).
+
+    `batch_select_indices` exists since 4.38. `crop` took the length to keep up to 4.x and takes minus the number
+    of tokens to remove in 5.x (a positive value raises); a negative value means "remove that many" in both.
+    """
+    cache.batch_select_indices(torch.tensor([row]))
+    extra = cache.get_seq_length() - length
+    if extra < 0:
+        raise ValueError(f"length: expected at most the cached {cache.get_seq_length()} tokens, got {length}")
+    if extra > 0:  # crop(0) would empty the whole cache in 4.x
+        cache.crop(-extra)

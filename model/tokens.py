@@ -1,0 +1,64 @@
+"""Token ids the scoring rule needs, taken from the tokenizer exactly as the reference server does (SPEC 3)."""
+
+from __future__ import annotations
+
+LANGS = ("en", "zh")
+THINK_START, THINK_END = "<think>", "</think>"
+EN_STEP_TEXT = ".\n\n"
+ZH_STEP_CHARS = ("\n", "。")
+
+
+def think_marker_ids(tokenizer) -> tuple[int, int]:
+    """Ids of `<think>` and `</think>`; each must be a single token (the reference silently took the first piece)."""
+    ids = []
+    for marker in (THINK_START, THINK_END):
+        encoded = tokenizer.encode(marker, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(
+                f"tokenizer: expected {marker!r} to encode to a single token id, got {encoded}; "
+                "the SPRM needs a reasoning tokenizer with think markers in its vocabulary"
+            )
+        ids.append(encoded[0])
+    return ids[0], ids[1]
+
+
+def step_token_ids(tokenizer, lang: str = "en") -> list[int]:
+    """en: the ids of `.\\n\\n` encoded without special tokens. zh: every vocabulary token whose decoded text
+    contains `\\n` or `。`, is at most 3 characters long and has at most one other character."""
+    if lang not in LANGS:
+        raise ValueError(f"lang: expected one of {LANGS}, got {lang!r}")
+    if lang == "en":
+        ids = tokenizer.encode(EN_STEP_TEXT, add_special_tokens=False)
+    else:
+        vocab_ids = sorted(set(tokenizer.get_vocab().values()))
+        texts = tokenizer.batch_decode([[token_id] for token_id in vocab_ids])
+        ids = [token_id for token_id, text in zip(vocab_ids, texts, strict=True) if _is_zh_step_text(text)]
+    if not ids:
+        raise ValueError(f"tokenizer: expected at least one step token for lang={lang!r}, found none")
+    return sorted(set(ids))
+
+
+def _is_zh_step_text(text: str) -> bool:
+    return len(text) <= 3 and any(char in text and len(text.replace(char, "")) <= 1 for char in ZH_STEP_CHARS)
+
+
+def chat_prompt_ids(tokenizer, prompt_or_messages) -> list[int]:
+    """The chat template applied to a user prompt (str) or a list of {"role", "content"} messages, with the
+    generation prompt, tokenized without adding special tokens again (the template writes them)."""
+    if isinstance(prompt_or_messages, str):
+        messages = [{"role": "user", "content": prompt_or_messages}]
+    elif isinstance(prompt_or_messages, (list, tuple)) and all(
+        isinstance(message, dict) and "role" in message and "content" in message for message in prompt_or_messages
+    ):
+        messages = list(prompt_or_messages)
+    else:
+        raise ValueError(
+            "prompt_or_messages: expected a prompt string or a list of {'role', 'content'} dicts, "
+            f"got {type(prompt_or_messages).__name__}"
+        )
+    if not any(isinstance(m["content"], str) and m["content"].strip() for m in messages):
+        raise ValueError("prompt_or_messages: expected a non-empty prompt, got no text")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("tokenizer: expected a chat template (tokenizer.chat_template) to build the prompt, got None")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

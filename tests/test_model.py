@@ -1,0 +1,370 @@
+"""ReflectiveModel on tiny random Qwen2 / Llama policies with a character tokenizer built here (CPU, seconds).
+
+The policy is random, so its thinking is noise; what is tested is the plumbing: the hooked features, the scoring
+rule, streaming against batch scoring, the KV cache reuse for the answer, the checkpoint layout and the errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens
+from sprm_kernels.model.reflective import _masks_packed_sequences
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from sprm_kernels import sprm_score_reference, step_positions_reference
+
+HIDDEN = 32
+SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+MARKERS = ["<think>", "</think>", ".\n\n"]
+CHARS = list("0123456789+=x .\n")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>{% endif %}"
+)
+TEMPLATE_WITHOUT_THINK = TEMPLATE.replace("<think>", "")  # the policy must open its thinking itself
+PROMPT = "1+2=3.\n\n4+5="  # a step inside the prompt: scored only when a row writes a second <think>
+
+
+def make_tokenizer(markers=MARKERS) -> PreTrainedTokenizerFast:
+    """One token per character, plus the chat specials and the think / step markers as added tokens."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(markers) + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )  # fmt: skip
+    tokenizer.add_tokens(list(markers))
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def make_policy(arch: str, vocab_size: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+def make_head(seed: int = 1, hidden_size: int = HIDDEN) -> SPRMHead:
+    """Scaled so that step probabilities spread over (0, 1) on the random policy's small (std 0.02) features."""
+    gen = torch.Generator().manual_seed(seed)
+    head = SPRMHead(hidden_size)
+    with torch.no_grad():
+        head[0].weight.copy_(torch.randn(2 * hidden_size, hidden_size, generator=gen) * 10)
+        head[0].bias.copy_(torch.randn(2 * hidden_size, generator=gen) * 0.3)
+        head[3].weight.copy_(torch.randn(1, 2 * hidden_size, generator=gen) * 0.5)
+        head[3].bias.fill_(0.2)
+    return head
+
+
+def bias_toward_steps(model, tokenizer) -> None:
+    """Make the random policy write `.\\n\\n` often (several steps and some runs of step tokens per row)."""
+    bias = torch.zeros(len(tokenizer))
+    bias[tokenizer.convert_tokens_to_ids(".\n\n")] = 1.5
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias.to(logits))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def reflective(request, tokenizer):
+    model = make_policy(request.param, len(tokenizer))
+    bias_toward_steps(model, tokenizer)
+    return ReflectiveModel(model, tokenizer, make_head())
+
+
+def eager_score(model, head, tokenizer, ids: list[int]):
+    """SPEC 3-4 by the references, on HF's own `output_hidden_states[-2]`."""
+    input_ids = torch.tensor([ids])
+    hidden = model(input_ids, output_hidden_states=True).hidden_states[-2]
+    step_index, offsets = step_positions_reference(
+        input_ids, step_token_ids=tokenizer.encode(".\n\n", add_special_tokens=False),
+        think_start_id=tokenizer.convert_tokens_to_ids("<think>"),
+        think_end_id=tokenizer.convert_tokens_to_ids("</think>"),
+    )  # fmt: skip
+    scores = sprm_score_reference(hidden, step_index, offsets, *head.kernel_weights(), return_step_scores=True)
+    return scores.score.item(), scores.step_scores.tolist(), step_index.tolist()
+
+
+TEXTS = [
+    "<|user|>1+1<|end|><|assistant|><think>1+1=2.\n\n2+2=4.\n\n.\n\n</think>4.\n\n",
+    "no markers.\n\nat all.\n\n",
+    "<|assistant|><think>x.\n\n<think>y.\n\n</think>",  # two <think>: the span starts at 0
+    "<think>.\n\n",  # the step right after <think> is not scored
+    "7",
+    "",
+]
+
+
+# -- features and scoring ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@torch.inference_mode()
+def test_hooked_features_are_hidden_states_minus_two(arch, tokenizer):
+    model = make_policy(arch, len(tokenizer))
+    reflective = ReflectiveModel(model, tokenizer, make_head())
+    input_ids = torch.randint(0, len(tokenizer), (2, 17), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(reflective.penultimate_hidden_states(input_ids), expected, rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_score_matches_eager_reference(reflective, tokenizer):
+    results = reflective.score(TEXTS, return_all_scores=True, backend="torch")
+    assert len(results) == len(TEXTS)
+    for text, result in zip(TEXTS, results, strict=True):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert result.token_ids == ids
+        if not ids:
+            assert (result.value, result.all_scores, result.score_positions) == (0.0, [], [])
+            continue
+        value, step_scores, positions = eager_score(reflective.model, reflective.head, tokenizer, ids)
+        assert result.score_positions == positions
+        assert result.value == pytest.approx(value, rel=1e-5, abs=1e-7)
+        assert result.all_scores == pytest.approx(step_scores, rel=1e-5, abs=1e-7)
+    assert results[0].score_positions and not results[4].score_positions  # both kinds present
+
+
+@torch.inference_mode()
+def test_score_batches_packed_and_padded_agree(reflective, tokenizer):
+    one_batch = reflective.score(TEXTS, return_all_scores=True, backend="torch")
+    for packed in (False, True):
+        if packed and not _masks_packed_sequences():  # transformers < 4.53 without flash-attention
+            with pytest.raises(ValueError, match="packed: expected False"):
+                reflective.score(TEXTS, packed=True)
+            continue
+        for budget in (1, 30, 10_000):  # 1: one sequence a batch
+            results = reflective.score(
+                TEXTS, return_all_scores=True, batch_tokens=budget, packed=packed, backend="torch"
+            )
+            for got, want in zip(results, one_batch, strict=True):
+                assert got.score_positions == want.score_positions and got.token_ids == want.token_ids
+                assert got.value == pytest.approx(want.value, rel=1e-5, abs=1e-7)
+                assert got.all_scores == pytest.approx(want.all_scores, rel=1e-5, abs=1e-7)
+    single = reflective.score(tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"], backend="torch")
+    assert single.value == pytest.approx(one_batch[0].value, rel=1e-5) and single.all_scores is None
+
+
+# -- generation -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, TEMPLATE_WITHOUT_THINK], ids=["think-in-template", "policy-opens"])
+@torch.inference_mode()
+def test_streamed_scores_equal_batch_scores(reflective, template):
+    reflective.tokenizer.chat_template = template
+    try:
+        result = reflective.generate(
+            PROMPT, k=8, max_think_tokens=32, max_answer_tokens=4, temperature=1.0, top_p=0.95, seed=3, backend="torch"
+        )
+    finally:
+        reflective.tokenizer.chat_template = TEMPLATE
+    prompt_len = len(result.prompt_token_ids)
+    for candidate in result.candidates:
+        batch = reflective.score(result.prompt_token_ids + candidate.token_ids, return_all_scores=True, backend="torch")
+        assert candidate.score_positions == batch.score_positions
+        assert candidate.score == pytest.approx(batch.value, rel=1e-4, abs=1e-7)
+        assert candidate.step_scores == pytest.approx(batch.all_scores, rel=1e-4, abs=1e-7)
+    scored = [c for c in result.candidates if c.score_positions]
+    assert scored, "no candidate has a scored step: the test exercises nothing"
+    if template == TEMPLATE:  # a row that writes a second <think> moves the span to 0 and scores the prompt's step
+        assert any(min(c.score_positions) < prompt_len - 1 for c in scored)
+        assert any(min(c.score_positions) >= prompt_len - 1 for c in scored)
+
+
+@torch.inference_mode()
+def test_answer_from_reused_cache_equals_greedy_reprefill(reflective):
+    max_answer = 12
+    result = reflective.generate(
+        PROMPT, k=4, max_think_tokens=24, max_answer_tokens=max_answer, temperature=1.0, top_p=1.0,
+        answer_temperature=0.0, seed=0, backend="torch",
+    )  # fmt: skip
+    chosen = result.candidates[result.best]
+    ids = result.prompt_token_ids + chosen.token_ids + ([] if chosen.finished else [reflective.think_end_id])
+    expected = []
+    for _ in range(max_answer):  # no cache at all: the whole sequence through the model each time
+        token = int(reflective.model(torch.tensor([ids + expected])).logits[0, -1].argmax())
+        expected.append(token)
+        if token in reflective.eos_token_ids:
+            break
+    assert result.answer_token_ids == expected
+    stats = result.stats
+    assert stats.prefill_tokens == len(result.prompt_token_ids)
+    assert stats.think_generated_tokens == sum(len(c.token_ids) for c in result.candidates)
+    assert stats.think_decode_tokens == 4 * (max(len(c.token_ids) for c in result.candidates) - 1)
+    assert stats.answer_decode_tokens == len(expected) + (0 if chosen.finished else 1)
+    assert set(stats.seconds) == {"prefill", "think", "select", "answer"}
+
+
+@torch.inference_mode()
+def test_generate_is_deterministic_for_a_seed_and_picks_by_the_rule(reflective):
+    kwargs = dict(mode="low", max_think_tokens=20, max_answer_tokens=3, temperature=1.0, top_p=0.9, backend="torch")
+    first = reflective.generate(PROMPT, seed=7, **kwargs)
+    again = reflective.generate([{"role": "user", "content": PROMPT}], seed=7, **kwargs)
+    assert len(first.candidates) == 2  # mode low
+    assert first.candidates == again.candidates
+    assert (first.best, first.answer_token_ids) == (again.best, again.answer_token_ids)
+    scores, finished = [c.score for c in first.candidates], [c.finished for c in first.candidates]
+    assert first.best == choose_best(scores, finished)
+    assert all(c.finished == (c.token_ids[-1] == reflective.think_end_id) for c in first.candidates)
+    assert all(len(c.token_ids) <= 20 for c in first.candidates)
+    other = reflective.generate(PROMPT, seed=8, **kwargs)
+    assert [c.token_ids for c in other.candidates] != [c.token_ids for c in first.candidates]
+
+
+@torch.inference_mode()
+def test_unfinished_rows_get_a_forced_close_only_when_nothing_finished(tokenizer):
+    model = make_policy("qwen2", len(tokenizer))
+    never_close = torch.zeros(len(tokenizer))
+    never_close[tokenizer.convert_tokens_to_ids("</think>")] = -1e4
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + never_close)
+    reflective = ReflectiveModel(model, tokenizer, make_head())
+    result = reflective.generate(PROMPT, k=3, max_think_tokens=6, max_answer_tokens=3, temperature=1.0, seed=0)
+    assert not any(c.finished for c in result.candidates)
+    assert all(len(c.token_ids) == 6 for c in result.candidates)
+    assert result.stats.answer_decode_tokens == 2 + len(result.answer_token_ids) - 1  # last thought + </think>
+
+
+def test_choose_best_ranks_finished_first_and_never_picks_nan():
+    nan = float("nan")
+    assert choose_best([0.2, 0.9, 0.5], [True, False, True]) == 2
+    assert choose_best([nan, 0.0, 0.0], [True, True, True]) == 1  # NaN below a stepless 0; ties: lowest index
+    assert choose_best([nan, nan], [True, True]) == 0
+    assert choose_best([0.3, 0.7], [False, False]) == 1
+
+
+def test_sampling_top_p_keeps_the_nucleus_and_greedy_is_argmax():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample_tokens(logits, temperature=1.0, top_p=0.8, generator=gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    assert int(sample_tokens(logits, temperature=0.0)) == 0
+
+
+@torch.inference_mode()
+def test_generate_and_score_on_the_triton_route(tokenizer):
+    """The default backend of the test session: the Triton interpreter on CPU, compiled Triton on CUDA."""
+    reflective = ReflectiveModel(make_policy("qwen2", len(tokenizer)), tokenizer, make_head())
+    bias_toward_steps(reflective.model, tokenizer)
+    result = reflective.generate(
+        PROMPT, k=3, max_think_tokens=10, max_answer_tokens=2, temperature=1.0, seed=5, backend="triton"
+    )
+    torch_route = reflective.generate(
+        PROMPT, k=3, max_think_tokens=10, max_answer_tokens=2, temperature=1.0, seed=5, backend="torch"
+    )
+    assert [c.token_ids for c in result.candidates] == [c.token_ids for c in torch_route.candidates]
+    for candidate, reference in zip(result.candidates, torch_route.candidates, strict=True):
+        assert candidate.score == pytest.approx(reference.score, rel=1e-4, abs=1e-7)
+    sequences = [result.prompt_token_ids + c.token_ids for c in result.candidates]
+    for candidate, scored in zip(result.candidates, reflective.score(sequences, backend="triton"), strict=True):
+        assert candidate.score == pytest.approx(scored.value, rel=1e-4, abs=1e-7)
+    assert any(c.score_positions for c in result.candidates)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@torch.inference_mode()
+def test_cuda_matches_cpu(tokenizer):
+    cpu = ReflectiveModel(make_policy("qwen2", len(tokenizer)), tokenizer, make_head())
+    gpu = ReflectiveModel(make_policy("qwen2", len(tokenizer)).cuda(), tokenizer, make_head())
+    for got, want in zip(gpu.score(TEXTS), cpu.score(TEXTS), strict=True):
+        assert got.score_positions == want.score_positions
+        assert got.value == pytest.approx(want.value, rel=1e-4, abs=1e-6)
+    result = gpu.generate(PROMPT, k=8, max_think_tokens=32, max_answer_tokens=4, temperature=1.0, seed=0)
+    for candidate in result.candidates:
+        batch = gpu.score(result.prompt_token_ids + candidate.token_ids)
+        assert candidate.score == pytest.approx(batch.value, rel=1e-4, abs=1e-6)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def test_official_layout_loads_and_scores_like_the_sequential(tmp_path, tokenizer):
+    model = make_policy("qwen2", len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(2)
+    sequential = nn.Sequential(
+        nn.Linear(HIDDEN, 2 * HIDDEN), nn.ReLU(), nn.Dropout(p=0.5), nn.Linear(2 * HIDDEN, 1)
+    ).eval()
+    with torch.no_grad():
+        sequential[0].weight.mul_(50)  # spread the probabilities on the small random features
+    torch.save(sequential.state_dict(), tmp_path / "score_module.pt")
+
+    reflective = ReflectiveModel.from_pretrained(str(tmp_path), device="cpu")
+    assert reflective.model.dtype == torch.float32 and reflective.think_end_id == tokenizer.convert_tokens_to_ids(
+        "</think>"
+    )
+    text = TEXTS[0]
+    result = reflective.score(text, return_all_scores=True)
+    # The reference server's computation, with the plain Sequential.
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    feature = model(input_ids, output_hidden_states=True).hidden_states[-2]
+    step_index, _ = step_positions_reference(
+        input_ids, step_token_ids=reflective.step_token_ids, think_start_id=reflective.think_start_id,
+        think_end_id=reflective.think_end_id,
+    )  # fmt: skip
+    probs = torch.sigmoid(sequential(feature[0, step_index]).float()).flatten()
+    assert result.score_positions == step_index.tolist()
+    assert result.all_scores == pytest.approx(probs.tolist(), rel=1e-5)
+    assert result.value == pytest.approx(probs.clamp(min=1e-10).log().mean().exp().item(), rel=1e-5)
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompt_or_messages=""), "prompt_or_messages"),
+        (dict(prompt_or_messages="   "), "prompt_or_messages"),
+        (dict(prompt_or_messages=[]), "prompt_or_messages"),
+        (dict(prompt_or_messages=42), "prompt_or_messages"),
+        (dict(k=0), "k: expected an int >= 1"),
+        (dict(k=2.0), "k: expected an int >= 1"),
+        (dict(mode="extreme"), "mode: expected one of"),
+        (dict(max_think_tokens=0), "max_think_tokens"),
+        (dict(max_answer_tokens=-1), "max_answer_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(seed="1"), "seed"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_generate_rejects_bad_arguments(reflective, kwargs, match):
+    call = dict(prompt_or_messages=PROMPT, max_think_tokens=2, max_answer_tokens=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        reflective.generate(call.pop("prompt_or_messages"), **call)
+
+
+def test_tokenizer_without_think_markers_is_rejected():
+    tokenizer = make_tokenizer(markers=[".\n\n"])  # "<think>" now encodes to 7 character tokens
+    model = make_policy("qwen2", len(tokenizer))
+    with pytest.raises(ValueError, match=r"tokenizer: expected '<think>' to encode to a single token id"):
+        ReflectiveModel(model, tokenizer, make_head())
+
+
+def test_head_of_another_size_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match=r"head: expected hidden size H=32 .* got a head with H=16"):
+        ReflectiveModel(make_policy("llama", len(tokenizer)), tokenizer, make_head(hidden_size=16))
+
+
+def test_bad_score_inputs_and_options_are_rejected(reflective):
+    with pytest.raises(ValueError, match="texts_or_token_ids"):
+        reflective.score([1.5, "a"])
+    with pytest.raises(ValueError, match="batch_tokens"):
+        reflective.score("a", batch_tokens=0)
+    with pytest.raises(ValueError, match="lang"):
+        ReflectiveModel(reflective.model, reflective.tokenizer, make_head(), lang="fr")
