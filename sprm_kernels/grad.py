@@ -152,8 +152,9 @@ def sprm_step_logits(
     step_index [S] int64 flat rows (b*T + t for [B, T, H]; repeats allowed); W1 [F, H] in hidden's dtype, b1 [F],
     W2 [1, F] or [F], b2 [1] (F = 2H). Gradients flow to every head tensor that requires grad, and to `hidden`
     when it requires grad, multiplied by `feature_grad_scale` (the forward value is not scaled), scattered back
-    to the gathered rows with index_add (repeated rows accumulate; bitwise deterministic when the rows are
-    distinct, as `step_positions` makes them). Head in eval mode: no dropout.
+    to the gathered rows with index_add (repeated rows accumulate). Deterministic when the rows are distinct, as
+    `step_positions` makes them; on CUDA, repeated rows add in an unspecified order unless
+    `torch.use_deterministic_algorithms(True)`. The head runs as in eval mode: no dropout.
     Validation reads the index range on the host (one synchronisation) so that bad indices fail before launch.
     """
     _check_args(hidden, step_index, w1, b1, w2, b2, feature_grad_scale)
