@@ -236,6 +236,63 @@ def test_training_steps_match_across_routes(route):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def masked_reference(hidden, step_index, w1, b1, w2, b2, keep, dropout, feature_grad_scale):
+    """The eager head with an explicit dropout mask, under autograd (nn.Dropout's scaling 1 / (1 - p))."""
+    features = hidden * feature_grad_scale + hidden.detach() * (1 - feature_grad_scale)
+    act = torch.relu(torch.nn.functional.linear(features[step_index], w1, b1)) * keep / (1 - dropout)
+    return torch.nn.functional.linear(act, w2.reshape(1, -1), b2.reshape(1)).squeeze(-1)
+
+
+def test_dropout_gradcheck_float64():
+    """The same generator seed on every evaluation gives the same mask: finite differences see a fixed network."""
+    hidden = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    head = random_head(5, torch.float64, width=12, seed=2)
+    step_index = torch.tensor([7, 0, 3, 3, 5, 0])
+
+    def fn(h, w1, b1, w2, b2):
+        return sprm_step_logits(h, step_index, w1, b1, w2, b2, feature_grad_scale=1.0, dropout=0.5,
+                                generator=torch.Generator().manual_seed(3), backend="torch")  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves([hidden, *head])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_matches_an_explicit_mask(route, dtype):
+    """Forward and gradients equal the eager head with the mask drawn from the same generator state, although
+    the generator (and the global one) moves on between forward and backward: the backward replays the mask."""
+    device, backend = route
+    hidden, step_index, head = packed_case(dtype)
+    dropout, scale = 0.3, 0.5
+    keep = torch.rand((step_index.numel(), head[0].shape[0]), generator=torch.Generator().manual_seed(11)) >= dropout
+    weight = torch.randn(step_index.numel(), generator=torch.Generator().manual_seed(3))
+    truth, truth_grads = run(masked_reference, leaves([hidden, *head], dtype=torch.float64), step_index, weight,
+                             keep=keep, dropout=dropout, feature_grad_scale=scale)  # fmt: skip
+    eager, eager_grads = run(masked_reference, leaves([hidden, *head]), step_index, weight, keep=keep,
+                             dropout=dropout, feature_grad_scale=scale)  # fmt: skip
+    generator = torch.Generator(device=device).manual_seed(11)
+    tensors = leaves([hidden, *head], device=device)
+    logits = sprm_step_logits(tensors[0], step_index.to(device), *tensors[1:], feature_grad_scale=scale,
+                              dropout=dropout, generator=generator, backend=backend)  # fmt: skip
+    torch.rand(1000, generator=generator, device=device), torch.rand(1000)  # both generators move on
+    (logits * weight.to(logits)).sum().backward()
+    assert rel_error(logits, truth) <= FP32_LEVEL
+    for name, leaf, eager_grad, truth_grad in zip(NAMES, tensors, eager_grads, truth_grads, strict=True):
+        err, err_eager = rel_error(leaf.grad, truth_grad), rel_error(eager_grad, truth_grad)
+        assert err <= (FP32_LEVEL if dtype == torch.float32 else 2 * err_eager + FLOOR[dtype]), f"{name}: {err:.3g}"
+
+
+def test_dropout_draws_a_fresh_mask_each_call():
+    hidden, step_index, head = packed_case(torch.float32)
+    torch.manual_seed(0)
+    first = sprm_step_logits(hidden, step_index, *head, dropout=0.5, backend="torch")
+    second = sprm_step_logits(hidden, step_index, *head, dropout=0.5, backend="torch")
+    torch.manual_seed(0)
+    replay = sprm_step_logits(hidden, step_index, *head, dropout=0.5, backend="torch")
+    assert not torch.equal(first, second) and torch.equal(first, replay)
+    no_dropout = sprm_step_logits(hidden, step_index, *head, backend="torch")
+    assert not torch.equal(first, no_dropout)
+
+
 def test_float64_routes():
     hidden, step_index, head = packed_case(torch.float64)
     logits = sprm_step_logits(hidden, step_index, *head)  # auto: float64 always takes the torch route
@@ -264,6 +321,12 @@ def _bad_inputs():
     yield "feature_grad_scale", dict(ok, feature_grad_scale=float("nan"))
     yield "feature_grad_scale", dict(ok, feature_grad_scale=True)
     yield "backend", dict(ok, backend="cuda")
+    yield "dropout", dict(ok, dropout=1.0)
+    yield "dropout", dict(ok, dropout=-0.1)
+    yield "dropout", dict(ok, dropout=True)
+    yield "generator", dict(ok, dropout=0.5, generator=0)
+    if torch.cuda.is_available():
+        yield "generator", dict(ok, dropout=0.5, generator=torch.Generator(device="cuda"))
 
 
 @pytest.mark.parametrize("name,kwargs", list(_bad_inputs()), ids=lambda v: v if isinstance(v, str) else "")
