@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -30,3 +32,18 @@ def keep_row(cache, row: int, length: int) -> None:
         raise ValueError(f"length: expected at most the cached {cache.get_seq_length()} tokens, got {length}")
     if extra > 0:  # crop(0) would empty the whole cache in 4.x
         cache.crop(-extra)
+
+
+def take_rows(cache, rows: list[int]):
+    """A new cache holding batch rows `rows` of `cache`, which is left as it is (no full-cache copy).
+
+    The copy is shallow down to the per-layer tensors, which `batch_select_indices` then replaces by the selected
+    rows: `layers` of per-layer objects in 5.x, `key_cache` / `value_cache` lists in 4.x.
+    """
+    taken = copy.copy(cache)
+    if hasattr(cache, "layers"):
+        taken.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        taken.key_cache, taken.value_cache = list(cache.key_cache), list(cache.value_cache)
+    taken.batch_select_indices(torch.tensor(rows))
+    return taken

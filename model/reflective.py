@@ -23,7 +23,7 @@ from torch import nn
 from sprm_kernels import StepScorer, resolve_backend, sprm_score, step_positions
 from sprm_kernels.reference import PROB_EPS
 
-from .cache import keep_row, new_cache
+from .cache import keep_row, new_cache, take_rows
 from .head import SPRMHead
 from .sampling import sample_tokens
 from .tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
@@ -54,7 +54,7 @@ class Candidate:
 @dataclass
 class GenerationStats:
     prefill_tokens: int  # prompt tokens through the model (once, for all k rows)
-    think_decode_tokens: int  # rows x decode forwards in the thinking phase (rows that already stopped included)
+    think_decode_tokens: int  # rows through the model in thinking decode forwards (live rows only)
     think_generated_tokens: int  # thinking tokens the k rows actually wrote
     answer_decode_tokens: int  # tokens through the model in the answer phase
     seconds: dict[str, float] = field(default_factory=dict)  # prefill, think, select, answer
@@ -352,8 +352,9 @@ class ReflectiveModel:
         candidates = self._finalize_candidates(prompt_ids, think, prompt_step_probs, backend)
         best = choose_best([c.score for c in candidates], [c.finished for c in candidates])
         chosen = candidates[best]
-        # The cache holds every token of the chosen row but its last (not fed yet when the loop stopped).
-        keep_row(cache, best, len(prompt_ids) + len(chosen.token_ids) - 1)
+        cache, row = think.take_cache(best)
+        # The cache holds every token of the chosen row but its last (not fed when the row stopped).
+        keep_row(cache, row, len(prompt_ids) + len(chosen.token_ids) - 1)
         pending = chosen.token_ids[-1:] + ([] if chosen.finished else [self.think_end_id])
         seconds["select"] = clock.lap()
 
@@ -364,7 +365,7 @@ class ReflectiveModel:
         seconds["answer"] = clock.lap()
         stats = GenerationStats(
             prefill_tokens=len(prompt_ids),
-            think_decode_tokens=k * think.forwards,
+            think_decode_tokens=think.decode_tokens,
             think_generated_tokens=sum(len(c.token_ids) for c in candidates),
             answer_decode_tokens=answer_fed,
             seconds=seconds,
@@ -401,8 +402,10 @@ class ReflectiveModel:
     ) -> _Thinking:
         """Sample k rows in lockstep. At step i every live row samples its token x[t+1] (t = len(prompt_ids) - 1 + i)
         from the logits of position t, whose layer L-2 state `hidden` came from the same forward: when x[t+1] is a
-        step token and the rule holds so far, that state is scored (SPEC 3 shift). Rows that stopped ride along
-        with padding (fixed shapes) and are cropped away later."""
+        step token and the rule holds so far, that state is scored (SPEC 3 shift).
+
+        A row that closes its thinking leaves the batch with its KV rows moved to a cache of its own (needed only
+        if it is chosen), so that later forwards process live rows only. The scorer keeps a fixed [k, H] shape."""
         device = self.device
         step_ids = torch.tensor(self.step_token_ids, device=device)
         scorer = StepScorer(*self.head.kernel_weights(), batch_size=k, backend=backend)
@@ -413,14 +416,20 @@ class ReflectiveModel:
             lengths=torch.zeros(k, dtype=torch.long, device=device),
             closed=torch.zeros(k, dtype=torch.bool, device=device),
             scorer=scorer,
+            cache=cache,
+            rows=list(range(k)),
         )
+        rows = torch.arange(k, device=device)  # the candidate of each row of `cache`
+        features = torch.zeros((k, hidden.shape[-1]), dtype=hidden.dtype, device=device)  # rows of all k candidates
         span = _ThinkSpan(prompt_ids, k, self.think_start_id, self.think_end_id, device)
         previous = torch.full((k,), prompt_ids[-1], dtype=torch.long, device=device)
         live = torch.ones(k, dtype=torch.bool, device=device)
         bar = _progress_bar(max_think_tokens, f"thinking (k={k})", progress)
         for i in range(max_think_tokens):
             position = len(prompt_ids) - 1 + i  # predicts the token sampled now
-            token = torch.where(live, sample(logits), self.pad_token_id)
+            token = torch.full((k,), self.pad_token_id, dtype=torch.long, device=device)
+            token[rows] = sample(logits)
+            features[rows] = hidden
             is_step = (
                 live
                 & torch.isin(token, step_ids)  # rule 1: x[t+1] is a step token
@@ -428,7 +437,7 @@ class ReflectiveModel:
                 & (previous != self.think_start_id)  # rule 3: not <think> itself
                 & span.contains(position)  # rule 4, with the markers written so far
             )
-            think.step_probs[:, i] = scorer.update(hidden, is_step)
+            think.step_probs[:, i] = scorer.update(features, is_step)
             think.flagged[:, i] = is_step
             think.tokens[:, i] = token
             think.lengths += live
@@ -438,10 +447,19 @@ class ReflectiveModel:
             previous = token
             if bar is not None:
                 bar.update(1)
-            if i + 1 == max_think_tokens or not bool(live.any()):  # one host sync per step
+            still_live = live[rows].tolist()  # the one host synchronisation of a step
+            if i + 1 == max_think_tokens or not any(still_live):
                 break
-            out = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-            think.forwards += 1
+            if not all(still_live):
+                for row, candidate in enumerate(think.rows):
+                    if not still_live[row]:
+                        think.closed_caches[candidate] = take_rows(cache, [row])
+                keep = [row for row, alive in enumerate(still_live) if alive]
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+                think.rows = [think.rows[row] for row in keep]
+                rows = torch.tensor(think.rows, device=device)
+            out = self.model(input_ids=token[rows][:, None], past_key_values=cache, use_cache=True)
+            think.decode_tokens += len(think.rows)
             logits, hidden = out.logits[:, -1], captured["features"][:, -1]
         if bar is not None:
             bar.close()
@@ -516,7 +534,19 @@ class _Thinking:
     lengths: torch.Tensor  # [k] tokens each row wrote
     closed: torch.Tensor  # [k] the row wrote </think>
     scorer: StepScorer
-    forwards: int = 0  # decode forwards of the batch
+    cache: object  # the KV of the rows still in the batch when decoding stopped
+    rows: list[int]  # the candidate of each row of `cache`
+    closed_caches: dict[int, object] = field(default_factory=dict)  # one-row KV of each row that left the batch
+    decode_tokens: int = 0  # rows through the model in decode forwards
+
+    def take_cache(self, candidate: int) -> tuple[object, int]:
+        """(cache, row) holding `candidate`'s KV; every other cache is released."""
+        if candidate in self.closed_caches:
+            found = self.closed_caches[candidate], 0
+        else:
+            found = self.cache, self.rows.index(candidate)
+        self.cache, self.closed_caches = None, {}
+        return found
 
 
 class _ThinkSpan:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens
+from sprm_kernels.model import reflective as reflective_module
 from sprm_kernels.model.reflective import _masks_packed_sequences
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
@@ -43,11 +44,11 @@ def make_tokenizer(markers=MARKERS) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_policy(arch: str, vocab_size: int, seed: int = 0) -> nn.Module:
+def make_policy(arch: str, vocab_size: int, seed: int = 0, init_std: float = 0.02) -> nn.Module:
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=init_std,
     )  # fmt: skip
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
@@ -66,11 +67,16 @@ def make_head(seed: int = 1, hidden_size: int = HIDDEN) -> SPRMHead:
     return head
 
 
+def add_logit_bias(model, bias: dict[int, float]) -> None:
+    vector = torch.zeros(model.config.vocab_size)
+    for token, value in bias.items():
+        vector[token] = value
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + vector.to(logits))
+
+
 def bias_toward_steps(model, tokenizer) -> None:
     """Make the random policy write `.\\n\\n` often (several steps and some runs of step tokens per row)."""
-    bias = torch.zeros(len(tokenizer))
-    bias[tokenizer.convert_tokens_to_ids(".\n\n")] = 1.5
-    model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias.to(logits))
+    add_logit_bias(model, {tokenizer.convert_tokens_to_ids(".\n\n"): 1.5})
 
 
 @pytest.fixture(scope="module")
@@ -184,28 +190,48 @@ def test_streamed_scores_equal_batch_scores(reflective, template):
         assert any(min(c.score_positions) >= prompt_len - 1 for c in scored)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @torch.inference_mode()
-def test_answer_from_reused_cache_equals_greedy_reprefill(reflective):
-    max_answer = 12
-    result = reflective.generate(
-        PROMPT, k=4, max_think_tokens=24, max_answer_tokens=max_answer, temperature=1.0, top_p=1.0,
-        answer_temperature=0.0, seed=0, backend="torch",
-    )  # fmt: skip
-    chosen = result.candidates[result.best]
-    ids = result.prompt_token_ids + chosen.token_ids + ([] if chosen.finished else [reflective.think_end_id])
-    expected = []
-    for _ in range(max_answer):  # no cache at all: the whole sequence through the model each time
-        token = int(reflective.model(torch.tensor([ids + expected])).logits[0, -1].argmax())
-        expected.append(token)
-        if token in reflective.eos_token_ids:
-            break
-    assert result.answer_token_ids == expected
-    stats = result.stats
-    assert stats.prefill_tokens == len(result.prompt_token_ids)
-    assert stats.think_generated_tokens == sum(len(c.token_ids) for c in result.candidates)
-    assert stats.think_decode_tokens == 4 * (max(len(c.token_ids) for c in result.candidates) - 1)
-    assert stats.answer_decode_tokens == len(expected) + (0 if chosen.finished else 1)
-    assert set(stats.seconds) == {"prefill", "think", "select", "answer"}
+def test_answer_from_reused_cache_equals_greedy_reprefill(arch, tokenizer, monkeypatch):
+    # A larger init than HF's default, whose greedy continuation is one repeated token (that would hide a wrong
+    # cache); no EOS, so that the whole budget is compared; </think> a little likelier, so rows stop at various steps.
+    model = make_policy(arch, len(tokenizer), init_std=0.3)
+    add_logit_bias(model, {tokenizer.eos_token_id: -1e4, tokenizer.convert_tokens_to_ids("</think>"): 1.0})
+    reflective = ReflectiveModel(model, tokenizer, make_head())
+    k, max_think, max_answer = 4, 24, 16
+    for forced in range(k):  # every row's cache: rows that left the batch early, rows still in it at the end
+        monkeypatch.setattr(reflective_module, "choose_best", lambda scores, finished, forced=forced: forced)
+        result = reflective.generate(
+            PROMPT, k=k, max_think_tokens=max_think, max_answer_tokens=max_answer, temperature=1.0, top_p=1.0,
+            answer_temperature=0.0, seed=0, backend="torch",
+        )  # fmt: skip
+        chosen = result.candidates[forced]
+        ids = result.prompt_token_ids + chosen.token_ids + ([] if chosen.finished else [reflective.think_end_id])
+        expected = []
+        for _ in range(max_answer):  # no cache at all: the whole sequence through the model each time
+            expected.append(int(model(torch.tensor([ids + expected])).logits[0, -1].argmax()))
+        assert result.best == forced and result.answer_token_ids == expected
+        assert len(set(expected)) > 2  # not a constant continuation
+        stats = result.stats
+        assert stats.prefill_tokens == len(result.prompt_token_ids)
+        assert stats.think_generated_tokens == sum(len(c.token_ids) for c in result.candidates)
+        # rows that closed left the batch: each row went through the model with every token it wrote but its last
+        assert stats.think_decode_tokens == stats.think_generated_tokens - k
+        assert stats.answer_decode_tokens == max_answer + (0 if chosen.finished else 1)
+        assert set(stats.seconds) == {"prefill", "think", "select", "answer"}
+    lengths = [len(c.token_ids) for c in result.candidates]
+    assert min(lengths) < max(lengths) and len(set(lengths)) > 2, lengths  # rows left the batch at various steps
+
+
+@torch.inference_mode()
+def test_answer_stops_at_eos(tokenizer):
+    model = make_policy("qwen2", len(tokenizer))
+    add_logit_bias(model, {tokenizer.eos_token_id: 50.0})  # EOS is no stop while thinking, only in the answer
+    result = ReflectiveModel(model, tokenizer, make_head()).generate(
+        PROMPT, k=2, max_think_tokens=5, max_answer_tokens=8, temperature=1.0, seed=0
+    )
+    assert result.answer_token_ids == [tokenizer.eos_token_id] and result.answer == ""
+    assert all(c.token_ids == [tokenizer.eos_token_id] * 5 for c in result.candidates)
 
 
 @torch.inference_mode()
@@ -227,9 +253,7 @@ def test_generate_is_deterministic_for_a_seed_and_picks_by_the_rule(reflective):
 @torch.inference_mode()
 def test_unfinished_rows_get_a_forced_close_only_when_nothing_finished(tokenizer):
     model = make_policy("qwen2", len(tokenizer))
-    never_close = torch.zeros(len(tokenizer))
-    never_close[tokenizer.convert_tokens_to_ids("</think>")] = -1e4
-    model.lm_head.register_forward_hook(lambda module, args, logits: logits + never_close)
+    add_logit_bias(model, {tokenizer.convert_tokens_to_ids("</think>"): -1e4})
     reflective = ReflectiveModel(model, tokenizer, make_head())
     result = reflective.generate(PROMPT, k=3, max_think_tokens=6, max_answer_tokens=3, temperature=1.0, seed=0)
     assert not any(c.finished for c in result.candidates)
