@@ -210,12 +210,9 @@ def sprm_step_logits(
     Validation reads the index range on the host (one synchronisation) so that bad indices fail before launch.
     """
     _check_args(hidden, step_index, w1, b1, w2, b2, feature_grad_scale, dropout, generator)
-    route = resolve_backend(hidden.device, backend)
-    if hidden.dtype == torch.float64 and route == "triton":
-        if backend == "triton":
-            _fail("hidden", "bf16, fp16 or fp32 on the triton route (float64 runs on backend='torch')", hidden.dtype)
-        route = "torch"
-    use_triton = route == "triton"
+    if hidden.dtype == torch.float64 and backend == "triton":
+        _fail("hidden", "bf16, fp16 or fp32 on the triton route (float64 runs on backend='torch')", hidden.dtype)
+    use_triton = resolve_backend(hidden.device, backend) == "triton" and hidden.dtype != torch.float64
     return _StepLogits.apply(hidden, step_index, w1, b1, w2, b2, feature_grad_scale, use_triton, dropout, generator)
 
 
