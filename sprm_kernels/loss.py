@@ -153,8 +153,8 @@ class _SPRLoss(torch.autograd.Function):
         ctx.save_for_backward(grad)
         ctx.logits_dtype = step_logits.dtype
         ctx.mark_non_differentiable(details.weights, details.pos_weight, details.neg_weight, details.denominator)
-        return loss, details.weights, details.kept, details.num_pos, details.num_neg, details.pos_weight, \
-            details.neg_weight, details.denominator  # fmt: skip
+        d = details
+        return loss, d.weights, d.kept, d.num_pos, d.num_neg, d.pos_weight, d.neg_weight, d.denominator
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -184,8 +184,9 @@ def spr_loss(
     no valid candidate). A NaN logit in a valid candidate makes the loss NaN. With `return_details`, returns
     (loss, SPRLossDetails). Validation reads the offsets and labels on the host (one synchronisation).
 
-    PyTorch, not Triton: it is O(S) with S ~ 10^4 per step, while the head's GEMMs are O(S H^2) and the backbone
-    far more, so a fused kernel would save a few tens of microseconds of launches per training step.
+    PyTorch, not Triton: it is O(S) work in about 60 small ops (forward and backward), 0.4 ms at S = 16384 on
+    one CPU core and a few hundred microseconds of launches on a GPU, against O(S H^2) for the head's GEMMs and
+    far more for the backbone: a fused kernel would save well under 0.1% of a training step.
     """
     _check_loss_args(step_logits, offsets, correct, valid, mode, balance, positive_factor, return_details)
     outputs = _SPRLoss.apply(step_logits, offsets, correct, valid, mode, balance, positive_factor)
