@@ -212,7 +212,8 @@ class ReflectiveModel:
         return results[0] if single else results
 
     def _token_lists(self, texts_or_token_ids) -> tuple[list[list[int]], bool]:
-        single = isinstance(texts_or_token_ids, str) or _is_id_list(texts_or_token_ids)
+        # A non-empty list of ints is one sequence; an empty list is an empty batch.
+        single = isinstance(texts_or_token_ids, str) or (_is_id_list(texts_or_token_ids) and len(texts_or_token_ids))
         items = [texts_or_token_ids] if single else texts_or_token_ids
         if isinstance(items, torch.Tensor) or not isinstance(items, Sequence):
             raise ValueError(
@@ -257,11 +258,10 @@ class ReflectiveModel:
             row_starts = cu_seqlens[:-1].tolist()
         else:
             width = max(lengths)
-            input_ids = torch.full((len(sequences), width), self.pad_token_id, device=self.device)
-            real = torch.zeros((len(sequences), width), dtype=torch.bool, device=self.device)
-            for row, sequence in enumerate(sequences):
-                input_ids[row, : len(sequence)] = torch.tensor(sequence)
-                real[row, : len(sequence)] = True
+            input_ids = torch.tensor(
+                [s + [self.pad_token_id] * (width - len(s)) for s in sequences], device=self.device
+            )
+            real = torch.arange(width, device=self.device) < torch.tensor(lengths, device=self.device)[:, None]
             hidden = self.penultimate_hidden_states(input_ids)  # right padding needs no mask (see that method)
             step_index, offsets = step_positions(input_ids, attention_mask=real, backend=backend, **rules)
             row_starts = [row * width for row in range(len(sequences))]
@@ -313,7 +313,8 @@ class ReflectiveModel:
         The choice: finished rows (that wrote `</think>`) rank above unfinished ones, then by score; NaN ranks
         below every score; ties go to the lowest index. A row that never closes its thinking keeps the score of
         the steps it wrote (SPEC 3 with end = its length) and `finished=False`; it is chosen only when no row
-        finished, and then `</think>` is appended before the answer. Deterministic for a fixed `seed`.
+        finished, and then `</think>` is appended before the answer. Deterministic for a fixed `seed` (on one device
+        and backend). temperature 0 makes the k rows identical.
         """
         k = _resolve_k(mode, k)
         _check_int("max_think_tokens", max_think_tokens, minimum=1)
@@ -660,7 +661,7 @@ def _masks_packed_sequences() -> bool:
 
 
 def _progress_bar(total: int, description: str, enabled: bool):
-    if not enabled:
+    if not enabled or total == 0:
         return None
     try:
         from tqdm.auto import tqdm

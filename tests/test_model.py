@@ -162,6 +162,7 @@ def test_score_batches_packed_and_padded_agree(reflective, tokenizer):
                 assert got.all_scores == pytest.approx(want.all_scores, rel=1e-5, abs=1e-7)
     single = reflective.score(tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"], backend="torch")
     assert single.value == pytest.approx(one_batch[0].value, rel=1e-5) and single.all_scores is None
+    assert reflective.score([]) == [] and reflective.score([[]])[0].value == 0.0
 
 
 # -- generation -------------------------------------------------------------------------------------------------
