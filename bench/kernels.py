@@ -34,6 +34,7 @@ DECODE_BATCHES = (8, 32)
 QUICK_ROWS, QUICK_HIDDEN_SIZES, QUICK_DECODE_BATCHES = (8, 32, 512), (1536,), (8, 32)
 MAX_CANDIDATES = 32  # larger S: 32 candidates with S / 32 steps each
 GROUP_SIZE = 8  # best-of-8 groups
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -85,6 +86,14 @@ def score_providers(problem: Problem, device: torch.device, compiled_reference) 
         backend: lambda: sprm_score(*args, group_size=GROUP_SIZE, backend=backend),
         "eager": lambda: sprm_score_reference(*args, group_size=GROUP_SIZE),
     }
+    if device.type == "cuda":  # the launch alone, without the argument checks' host synchronisation
+        from sprm_kernels.kernels.sprm_score import launch_sprm_score
+
+        w1, b1, w2, b2 = problem.head
+        launch_args = (*args[:3], w1, b1, w2.reshape(-1), b2.reshape(-1))
+        providers["triton_launch"] = lambda: launch_sprm_score(
+            *launch_args, group_size=GROUP_SIZE, return_step_scores=False
+        )
     if compiled_reference is not None:
         providers["eager_compiled"] = lambda: compiled_reference(*args, group_size=GROUP_SIZE)
     return providers
@@ -279,6 +288,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-call-s", type=float, default=10.0, help="CPU: skip shapes estimated slower per call")
     parser.add_argument("--max-gb", type=float, default=8.0, help="skip shapes whose eager reference needs more")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=sorted(DTYPES),
+        help="repeatable (default: bfloat16 and float16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     return parser.parse_args(argv)
 
 
@@ -289,11 +305,15 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         roofline, dtypes = common.SPEC9_H100, (torch.bfloat16, torch.float16)
         max_bytes = min(args.max_gb * 1e9, 0.8 * common.cuda_free_bytes(device))
     else:
         roofline, dtypes, max_bytes = common.calibrate_cpu_roofline(), (torch.float32,), args.max_gb * 1e9
+    if args.dtype:
+        dtypes = tuple(DTYPES[name] for name in args.dtype)
     settings = Settings(
         device=device,
         roofline=roofline,
