@@ -52,6 +52,9 @@ def make_policy(arch: str, vocab_size: int, seed: int = 0, init_std: float = 0.0
     )  # fmt: skip
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if arch == "qwen2-sliding":  # layers 1-2 attend to a window shorter than the sequences (5.x sliding cache layers)
+        config = Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+        return Qwen2ForCausalLM(config).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
@@ -191,7 +194,7 @@ def test_streamed_scores_equal_batch_scores(reflective, template):
         assert any(min(c.score_positions) >= prompt_len - 1 for c in scored)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen2-sliding"])
 @torch.inference_mode()
 def test_answer_from_reused_cache_equals_greedy_reprefill(arch, tokenizer, monkeypatch):
     # A larger init than HF's default, whose greedy continuation is one repeated token (that would hide a wrong
