@@ -136,6 +136,7 @@ def _meta_tensor(shape, dtype):
 def _cases(arch: int):
     """(name, dtype, shape, regime, kernel, args, meta) for each representative launch."""
     from .kernels.sprm_score import pick_score_config, prepare_sprm_score, sprm_score_kernel
+    from .kernels.step_logits import prepare_step_logits, step_logits_kernel
     from .kernels.step_positions import step_positions_count_kernel, step_positions_write_kernel
     from .kernels.step_scorer import prepare_step_scorer, step_scorer_kernel
 
@@ -155,6 +156,9 @@ def _cases(arch: int):
                 )  # fmt: skip
                 meta["UPCAST"] = False
                 yield "sprm_score", dtype, f"S={rows} H={hidden_size}", regime, sprm_score_kernel, args, meta
+                _, grid, args, meta = prepare_step_logits(hidden, step_index, w1, b1, w2, b2, config=cfg)
+                meta["UPCAST"] = False
+                yield "step_logits", dtype, f"S={rows} H={hidden_size}", regime, step_logits_kernel, args, meta
             for batch in (8, 32):
                 cfg = pick_score_config(batch, hidden_size, width, dtype, SMS[arch])
                 grid, args, meta = prepare_step_scorer(

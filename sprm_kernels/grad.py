@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .dispatch import resolve_backend
 from .reference import gather_rows
-from .validation import FLOAT_DTYPES, check_tensor
+from .validation import FLOAT_DTYPES, check_head, check_hidden, check_step_index
 
 # The torch route also takes float64 (for gradcheck and float64 references); the triton route does not.
 GRAD_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -35,27 +35,9 @@ def _fail(name: str, expected: str, got) -> None:
 
 def _check_args(hidden, step_index, w1, b1, w2, b2, feature_grad_scale, dropout, generator) -> None:
     """hidden, the head (nn.Linear layout, float64 allowed), the step rows (one host synchronisation), the options."""
-    check_tensor("hidden", hidden, dims=(2, 3), dtypes=GRAD_FLOAT_DTYPES)
-    hidden_size, device = hidden.shape[-1], hidden.device
-    if hidden_size == 0:
-        _fail("hidden", "H >= 1", f"shape {tuple(hidden.shape)}")
-    if hidden.stride(-1) != 1 and hidden_size > 1:
-        _fail("hidden", "unit stride in its last dimension (any row strides are fine)", f"strides {hidden.stride()}")
-    check_tensor("w1", w1, dims=(2,), dtypes=(hidden.dtype,), device=device)
-    width = w1.shape[0]
-    if w1.shape[1] != hidden_size or width == 0:
-        _fail("w1", f"shape [F, {hidden_size}] with F >= 1 (H of `hidden`)", f"shape {tuple(w1.shape)}")
-    if w1.stride(-1) != 1 and hidden_size > 1:
-        _fail("w1", "unit stride in its last dimension", f"strides {w1.stride()}")
-    check_tensor("b1", b1, dims=(1,), dtypes=GRAD_FLOAT_DTYPES, device=device)
-    if b1.shape[0] != width:
-        _fail("b1", f"shape [{width}]", f"shape {tuple(b1.shape)}")
-    check_tensor("w2", w2, dims=(1, 2), dtypes=GRAD_FLOAT_DTYPES, device=device)
-    if w2.numel() != width or (w2.dim() == 2 and w2.shape[0] != 1):
-        _fail("w2", f"shape [1, {width}]", f"shape {tuple(w2.shape)}")
-    check_tensor("b2", b2, dims=(0, 1), dtypes=GRAD_FLOAT_DTYPES, device=device)
-    if b2.numel() != 1:
-        _fail("b2", "shape [1]", f"shape {tuple(b2.shape)}")
+    num_rows = check_hidden(hidden, dtypes=GRAD_FLOAT_DTYPES)
+    device = hidden.device
+    check_head(hidden.shape[-1], hidden.dtype, device, w1, b1, w2, b2, vector_dtypes=GRAD_FLOAT_DTYPES)
     if isinstance(feature_grad_scale, bool) or not isinstance(feature_grad_scale, (int, float)):
         _fail("feature_grad_scale", "a real number in [0, inf)", repr(feature_grad_scale))
     if not (math.isfinite(feature_grad_scale) and feature_grad_scale >= 0):
@@ -67,12 +49,7 @@ def _check_args(hidden, step_index, w1, b1, w2, b2, feature_grad_scale, dropout,
             _fail("generator", "a torch.Generator or None", type(generator).__name__)
         if generator.device.type != device.type:
             _fail("generator", f"a generator on {device.type} (the device of `hidden`)", generator.device)
-    check_tensor("step_index", step_index, dims=(1,), dtypes=(torch.int64,), device=device)
-    num_rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[0] * hidden.shape[1]
-    if step_index.numel():
-        low, high = torch.stack([step_index.min(), step_index.max()]).tolist()
-        if low < 0 or high >= num_rows:
-            _fail("step_index", f"indices in [0, {num_rows}) (rows of `hidden`)", f"values in [{low}, {high}]")
+    check_step_index(step_index, num_rows, device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

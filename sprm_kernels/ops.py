@@ -102,10 +102,9 @@ def sprm_score(
     On CUDA this is one fused Triton launch (gather, both layers in fp32, log-sigmoid, means, group argmax).
     Validation reads a few values on the host (one synchronisation) so that bad indices fail before launch.
     """
-    check_hidden(hidden)
+    num_rows = check_hidden(hidden)
     device = hidden.device
     check_head(hidden.shape[-1], hidden.dtype, device, w1, b1, w2, b2)
-    num_rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[0] * hidden.shape[1]
     check_csr(step_index, offsets, num_rows, device)
     check_group_size(group_size, offsets.numel() - 1)
     w2, b2 = w2.reshape(-1), b2.reshape(-1)

@@ -36,6 +36,8 @@ class StepScorer:
         self.backend = resolve_backend(self.device, backend)
         self.w1, self.b1 = w1, b1.contiguous()
         self.w2, self.b2 = w2.reshape(-1).contiguous(), b2.reshape(-1).contiguous()
+        if self.backend == "torch":  # convert once, not on every decode step (W1 is 2H^2 elements)
+            self.w1, self.b1, self.w2, self.b2 = (t.float() for t in (self.w1, self.b1, self.w2, self.b2))
         self.sum_log = torch.zeros(batch_size, dtype=torch.float32, device=self.device)
         self.count = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.step_prob = torch.zeros(batch_size, dtype=torch.float32, device=self.device)
@@ -45,7 +47,8 @@ class StepScorer:
             num_sms = device_sm_count(self.device)
             self.config = pick_score_config(batch_size, self.hidden_size, w1.shape[0], self.dtype, num_sms)
             self.partial = torch.empty(self.config.num_splits * batch_size, dtype=torch.float32, device=self.device)
-            self.ticket = torch.zeros(1, dtype=torch.int32, device=self.device)
+            row_blocks = -(-batch_size // self.config.block_s)
+            self.ticket = torch.zeros(row_blocks, dtype=torch.int32, device=self.device)  # one per row block
 
     def reset(self) -> None:
         self.sum_log.zero_()

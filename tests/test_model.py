@@ -8,66 +8,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens
-from sprm_kernels.model import reflective as reflective_module
-from sprm_kernels.model.reflective import _masks_packed_sequences
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from sprm_kernels import sprm_score_reference, step_positions_reference
+from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens, tiny
+from sprm_kernels.model import reflective as reflective_module
+from sprm_kernels.model.reflective import _masks_packed_sequences
 
 HIDDEN = 32
-SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
-MARKERS = ["<think>", "</think>", ".\n\n"]
-CHARS = list("0123456789+=x .\n")
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|><think>{% endif %}"
-)
+MARKERS = tiny.MARKERS
+TEMPLATE = tiny.CHAT_TEMPLATE
 TEMPLATE_WITHOUT_THINK = TEMPLATE.replace("<think>", "")  # the policy must open its thinking itself
 PROMPT = "1+2=3.\n\n4+5="  # a step inside the prompt: scored only when a row writes a second <think>
 
 
-def make_tokenizer(markers=MARKERS) -> PreTrainedTokenizerFast:
-    """One token per character, plus the chat specials and the think / step markers as added tokens."""
-    vocab = {token: i for i, token in enumerate(SPECIALS + list(markers) + CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )  # fmt: skip
-    tokenizer.add_tokens(list(markers))
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
+def make_tokenizer(markers=MARKERS):
+    return tiny.make_char_tokenizer(markers)
 
 
 def make_policy(arch: str, vocab_size: int, seed: int = 0, init_std: float = 0.02) -> nn.Module:
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=init_std,
-    )  # fmt: skip
-    if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-    if arch == "qwen2-sliding":  # layers 1-2 attend to a window shorter than the sequences (5.x sliding cache layers)
-        config = Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1)
-        return Qwen2ForCausalLM(config).eval()
-    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return tiny.make_tiny_policy(arch, vocab_size, seed=seed, hidden_size=HIDDEN, init_std=init_std)
 
 
 def make_head(seed: int = 1, hidden_size: int = HIDDEN) -> SPRMHead:
-    """Scaled so that step probabilities spread over (0, 1) on the random policy's small (std 0.02) features."""
-    gen = torch.Generator().manual_seed(seed)
-    head = SPRMHead(hidden_size)
-    with torch.no_grad():
-        head[0].weight.copy_(torch.randn(2 * hidden_size, hidden_size, generator=gen) * 10)
-        head[0].bias.copy_(torch.randn(2 * hidden_size, generator=gen) * 0.3)
-        head[3].weight.copy_(torch.randn(1, 2 * hidden_size, generator=gen) * 0.5)
-        head[3].bias.fill_(0.2)
-    return head
+    return tiny.make_tiny_head(hidden_size, seed=seed)
 
 
 def add_logit_bias(model, bias: dict[int, float]) -> None:

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from sprm_kernels.model import SPRMHead, chat_prompt_ids, step_token_ids
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from sprm_kernels import sprm_score
+from sprm_kernels.model import SPRMHead, chat_prompt_ids, step_token_ids
 
 H = 8
 

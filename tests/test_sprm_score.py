@@ -215,7 +215,7 @@ def test_tile_configurations_give_the_same_answer():
     configs = [
         ScoreConfig(block_s=16, block_n=16, block_k=16, num_splits=5, cols_per_split=16, num_warps=4, num_stages=2),
         ScoreConfig(block_s=32, block_n=32, block_k=32, num_splits=1, cols_per_split=96, num_warps=4, num_stages=2),
-        ScoreConfig(16, 32, 16, 2, 64, 4, 2, block_r=16),  # the final reduction in several blocks per candidate
+        ScoreConfig(16, 32, 16, 2, 64, 4, 2, block_b=2, block_j=4),  # final means: several tiles per candidate
     ]
     for cfg in configs:
         out = launch_sprm_score(

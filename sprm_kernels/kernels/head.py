@@ -84,3 +84,29 @@ def clamped_log_sigmoid(z):
 def stable_sigmoid(z):
     e = tl.exp(-tl.abs(z))
     return tl.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def arrived_last(ticket_ptr, arrivals):
+    """Takes a ticket; True in the program that arrives last of `arrivals`. The barrier and the acq_rel atomic
+    order every thread's earlier stores before the ticket, so the last program sees what the others wrote."""
+    tl.debug_barrier()
+    return tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == arrivals - 1
+
+
+@triton.jit
+def sum_split_partials(
+    partial_ptr, rows, row_mask, S, NUM_SPLITS: tl.constexpr, SPLIT_TILE: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """sum_n partial[n, rows] over the NUM_SPLITS column splits, read in [SPLIT_TILE, rows] tiles in a fixed
+    order (the same bits whichever program adds them); `.cg` reads L2, never a stale L1 line."""
+    acc = tl.zeros([SPLIT_TILE, BLOCK_S], dtype=tl.float32)
+    for split0 in range(0, NUM_SPLITS, SPLIT_TILE):
+        split = split0 + tl.arange(0, SPLIT_TILE)
+        acc += tl.load(
+            partial_ptr + split[:, None].to(tl.int64) * S + rows[None, :],
+            mask=(split[:, None] < NUM_SPLITS) & row_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+    return tl.sum(acc, axis=0)

@@ -1,10 +1,12 @@
 """score[b] = exp(mean_{s in steps(b)} log max(sigmoid(w2 . relu(W1 h[idx[s]] + b1) + b2), 1e-10)), in one launch.
 
 Shapes: hidden (N, H) or (B, T, H) with any row strides; step_index (S,); offsets (B+1,); W1 (F, H), F = 2H.
-Grid (NUM_SPLITS, cdiv(S, BLOCK_S)): program (n, s) computes the partial logits of rows block s over W1's
-column split n and writes them to a [NUM_SPLITS, S] fp32 workspace; the [S, F] activations stay in registers.
-The last program to arrive (an integer ticket counter, so no spin-wait) sums the partials in a fixed order,
-takes the log-sigmoid, the per-candidate means and the per-group argmax: the same bits on every run.
+Grid (NUM_SPLITS, cdiv(S, BLOCK_S)): program (n, s) computes the partial logits of row block s over W1's column
+split n; the [S, F] activations stay in registers. With several splits the partials go to a [NUM_SPLITS, S] fp32
+workspace and the last program to arrive at row block s (an integer ticket per row block; no spin-wait) adds
+them in a fixed order. That program writes the block's log p; the last row block to finish (a second ticket)
+computes the per-candidate means and the per-group argmax, both vectorised over candidates. No float atomics:
+the same bits on every run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,62 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import clamped_log_sigmoid, head_partial_logit, stable_sigmoid
+from .head import arrived_last, clamped_log_sigmoid, head_partial_logit, stable_sigmoid, sum_split_partials
+
+NO_INDEX = tl.constexpr(2**31 - 1)  # "no member" sentinel: group sizes are int32
+
+
+@triton.jit
+def candidate_means(
+    log_prob_ptr, offsets_ptr, log_score_ptr, score_ptr, num_steps_ptr, B, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr
+):
+    """Per-candidate mean of log p over its CSR range, BLOCK_B candidates at a time, [BLOCK_B, BLOCK_J] tiles."""
+    for cand0 in range(0, B, BLOCK_B):
+        cand = cand0 + tl.arange(0, BLOCK_B)
+        cand_mask = cand < B
+        lo = tl.load(offsets_ptr + cand, mask=cand_mask, other=0)
+        count = tl.load(offsets_ptr + cand + 1, mask=cand_mask, other=0) - lo
+        acc = tl.zeros([BLOCK_B, BLOCK_J], dtype=tl.float32)
+        for j0 in range(0, tl.max(count, axis=0), BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            acc += tl.load(
+                log_prob_ptr + lo[:, None] + j[None, :],
+                mask=j[None, :] < count[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+        mean = tl.sum(acc, axis=1) / tl.maximum(count, 1).to(tl.float32)
+        log_score = tl.where(count > 0, mean, float("-inf"))
+        tl.store(log_score_ptr + cand, log_score, mask=cand_mask)
+        tl.store(score_ptr + cand, tl.where(count > 0, tl.exp(log_score), 0.0), mask=cand_mask)
+        tl.store(num_steps_ptr + cand, count, mask=cand_mask)
+
+
+@triton.jit
+def group_argmax(score_ptr, best_ptr, num_groups, group_size, BLOCK_G: tl.constexpr, GROUP_TILE: tl.constexpr):
+    """best[g] = argmax of score within group g; lowest index on ties; NaN never wins; -1 if all are NaN."""
+    for group0 in range(0, num_groups, BLOCK_G):
+        group = group0 + tl.arange(0, BLOCK_G)
+        group_mask = group < num_groups
+        best_score = tl.full([BLOCK_G], -1.0, dtype=tl.float32)  # scores are >= 0: any real score beats it
+        best_index = tl.full([BLOCK_G], -1, dtype=tl.int64)
+        for member0 in range(0, group_size, GROUP_TILE):
+            member = member0 + tl.arange(0, GROUP_TILE)
+            present = group_mask[:, None] & (member[None, :] < group_size)
+            value = tl.load(
+                score_ptr + group[:, None].to(tl.int64) * group_size + member[None, :],
+                mask=present,
+                other=float("nan"),
+                cache_modifier=".cg",
+            )
+            real = present & (value == value)
+            value = tl.where(real, value, -1.0)
+            tile_best = tl.max(value, axis=1)
+            tile_index = tl.min(tl.where(real & (value == tile_best[:, None]), member[None, :], NO_INDEX), axis=1)
+            better = (tile_index != NO_INDEX) & (tile_best > best_score)  # strict: earlier tiles keep ties
+            best_score = tl.where(better, tile_best, best_score)
+            best_index = tl.where(better, tile_index, best_index)
+        tl.store(best_ptr + group, best_index, mask=group_mask)
 
 
 @triton.jit
@@ -32,8 +89,9 @@ def sprm_score_kernel(
     b1_ptr,
     w2_ptr,
     b2_ptr,
-    partial_ptr,  # [NUM_SPLITS, S] fp32 workspace
-    ticket_ptr,  # int32 counter, zero on entry
+    partial_ptr,  # [NUM_SPLITS, S] fp32 workspace (unused with one split)
+    log_prob_ptr,  # [S] fp32 workspace: clamped log p of every step
+    ticket_ptr,  # int32 [row blocks + 1], zero on entry: one ticket per row block, then one for the whole grid
     step_scores_ptr,
     log_score_ptr,
     score_ptr,
@@ -44,12 +102,17 @@ def sprm_score_kernel(
     F,
     B,
     group_size,
+    num_groups,
     cols_per_split,
     NUM_SPLITS: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_TILE: tl.constexpr,
     WRITE_STEP_SCORES: tl.constexpr,
     COMPUTE_BEST: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -57,6 +120,7 @@ def sprm_score_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    num_row_blocks = tl.num_programs(1)
 
     # Phase 1: partial logits of BLOCK_S gathered rows over one split of W1's columns.
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -65,58 +129,31 @@ def sprm_score_kernel(
     row_offset = (flat_row // seq_len) * stride_hb + (flat_row % seq_len) * stride_ht
     col_begin = pid_n * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, F)
-    partial = head_partial_logit(
+    logit = head_partial_logit(
         hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin, col_end, H,
         BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
-    tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, partial, mask=row_mask)
 
-    # Every thread's stores are ordered before the ticket (acq_rel), so the last program sees all partials.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
-        # Phase 2: logits in a fixed split order, log-sigmoid; log p goes back into split 0 of the workspace.
-        b2 = tl.load(b2_ptr).to(tl.float32)
-        for r0 in range(0, S, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-            r_mask = r < S
-            logit = tl.zeros([BLOCK_R], dtype=tl.float32)
-            split_ptr = partial_ptr + r  # pointer steps are 64-bit: no int32 product split * S
-            for _ in range(NUM_SPLITS):
-                logit += tl.load(split_ptr, mask=r_mask, other=0.0, cache_modifier=".cg")
-                split_ptr += S
-            logit += b2
-            if WRITE_STEP_SCORES:
-                tl.store(step_scores_ptr + r, stable_sigmoid(logit), mask=r_mask)
-            tl.store(partial_ptr + r, clamped_log_sigmoid(logit), mask=r_mask)
-        tl.debug_barrier()
+    # Phase 2: the program that completes row block s turns its logits into log p.
+    if NUM_SPLITS > 1:
+        tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, logit, mask=row_mask)
+        row_block_done = arrived_last(ticket_ptr + pid_s, NUM_SPLITS)
+    else:
+        row_block_done = True
+    if row_block_done:
+        if NUM_SPLITS > 1:
+            logit = sum_split_partials(partial_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
+        logit += tl.load(b2_ptr).to(tl.float32)
+        if WRITE_STEP_SCORES:
+            tl.store(step_scores_ptr + rows, stable_sigmoid(logit), mask=row_mask)
+        tl.store(log_prob_ptr + rows, clamped_log_sigmoid(logit), mask=row_mask)
 
-        # Phase 3: per-candidate mean in CSR order, and the running argmax of each group of candidates.
-        best_score = -1.0  # scores are >= 0, so any real score beats it; NaN never does
-        best_index = tl.full([], -1, tl.int64)
-        for b in range(0, B):
-            lo = tl.load(offsets_ptr + b)
-            hi = tl.load(offsets_ptr + b + 1)
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for row0 in range(lo, hi, BLOCK_R):
-                row = row0 + tl.arange(0, BLOCK_R)
-                acc += tl.load(partial_ptr + row, mask=row < hi, other=0.0, cache_modifier=".cg")
-            count = hi - lo
-            mean = tl.sum(acc, axis=0) / tl.maximum(count, 1).to(tl.float32)
-            log_score = tl.where(count > 0, mean, float("-inf"))
-            score = tl.where(count > 0, tl.exp(log_score), 0.0)
-            tl.store(log_score_ptr + b, log_score)
-            tl.store(score_ptr + b, score)
-            tl.store(num_steps_ptr + b, count)
+        # Phase 3: the last row block to finish reduces per candidate and per group.
+        if arrived_last(ticket_ptr + num_row_blocks, num_row_blocks):
+            candidate_means(log_prob_ptr, offsets_ptr, log_score_ptr, score_ptr, num_steps_ptr, B, BLOCK_B, BLOCK_J)
             if COMPUTE_BEST:
-                member = b % group_size
-                best_score = tl.where(member == 0, -1.0, best_score)
-                best_index = tl.where(member == 0, -1, best_index)
-                better = score > best_score  # strict: the lowest index keeps a tie; False for NaN
-                best_score = tl.where(better, score, best_score)
-                best_index = tl.where(better, member, best_index)
-                if member == group_size - 1:
-                    tl.store(best_ptr + b // group_size, best_index)
+                tl.debug_barrier()  # the scores just stored by other threads of this program
+                group_argmax(score_ptr, best_ptr, num_groups, group_size, BLOCK_G, GROUP_TILE)
 
 
 @dataclass(frozen=True)
@@ -128,7 +165,8 @@ class ScoreConfig:
     cols_per_split: int
     num_warps: int
     num_stages: int
-    block_r: int = 256
+    block_b: int = 16  # candidates per tile of the final means
+    block_j: int = 128  # steps per tile of the final means
 
 
 def interpreting() -> bool:
@@ -185,27 +223,34 @@ def prepare_sprm_score(
     log_score = torch.empty_like(score)
     num_steps = torch.empty(num_candidates, dtype=torch.int64, device=device)
     step_scores = torch.empty(num_rows, dtype=torch.float32, device=device) if return_step_scores else None
-    best = torch.empty(num_candidates // group_size, dtype=torch.int64, device=device) if group_size else None
-    partial = torch.empty(cfg.num_splits * max(num_rows, 1), dtype=torch.float32, device=device)
-    ticket = torch.zeros(1, dtype=torch.int32, device=device)
+    num_groups = num_candidates // group_size if group_size else 0
+    best = torch.empty(num_groups, dtype=torch.int64, device=device) if group_size else None
+    row_blocks = triton.cdiv(max(num_rows, 1), cfg.block_s)
+    partial = torch.empty(cfg.num_splits * num_rows if cfg.num_splits > 1 else 1, dtype=torch.float32, device=device)
+    log_prob = torch.empty(max(num_rows, 1), dtype=torch.float32, device=device)
+    tickets = torch.zeros(row_blocks + 1, dtype=torch.int32, device=device)
     stride_hb, stride_ht, seq_len = hidden_row_strides(hidden)
-    grid = (cfg.num_splits, triton.cdiv(max(num_rows, 1), cfg.block_s))
+    group_tile = min(triton.next_power_of_2(group_size or 1), 256)
     args = (
         hidden, stride_hb, stride_ht, seq_len,
         step_index, offsets,
         w1, w1.stride(0), b1, w2, b2,
-        partial, ticket,
-        step_scores if step_scores is not None else score,  # never written when not asked for
+        partial, log_prob, tickets,
+        step_scores if step_scores is not None else log_prob,  # never written when not asked for
         log_score, score, num_steps,
         best if best is not None else num_steps,  # never written when not asked for
-        num_rows, hidden_size, width, num_candidates, group_size or 1, cfg.cols_per_split,
+        num_rows, hidden_size, width, num_candidates, group_size or 1, num_groups, cfg.cols_per_split,
     )  # fmt: skip
     meta = dict(
         NUM_SPLITS=cfg.num_splits,
+        SPLIT_TILE=min(triton.next_power_of_2(cfg.num_splits), max(1, 4096 // cfg.block_s)),
         BLOCK_S=cfg.block_s,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
-        BLOCK_R=cfg.block_r,
+        BLOCK_B=cfg.block_b,
+        BLOCK_J=cfg.block_j,
+        BLOCK_G=max(1, 1024 // group_tile),
+        GROUP_TILE=group_tile,
         WRITE_STEP_SCORES=return_step_scores,
         COMPUTE_BEST=group_size is not None,
         UPCAST=interpreting(),
@@ -213,7 +258,12 @@ def prepare_sprm_score(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return (score, log_score, num_steps, step_scores, best), grid, args, meta
+    return (score, log_score, num_steps, step_scores, best), grid_of(cfg, num_rows), args, meta
+
+
+def grid_of(cfg: ScoreConfig, num_rows: int) -> tuple[int, int]:
+    """(column splits, row blocks); one (all-masked) row block when there are no rows, so outputs are written."""
+    return cfg.num_splits, triton.cdiv(max(num_rows, 1), cfg.block_s)
 
 
 def launch_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options):

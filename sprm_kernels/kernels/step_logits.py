@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import head_partial_logit
+from .head import arrived_last, head_partial_logit, sum_split_partials
 from .sprm_score import ScoreConfig, device_sm_count, hidden_row_strides, interpreting, pick_score_config
 
 
@@ -37,6 +37,7 @@ def step_logits_kernel(
     F,
     cols_per_split,
     NUM_SPLITS: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -62,16 +63,8 @@ def step_logits_kernel(
         tl.store(logits_ptr + rows, partial + b2, mask=row_mask)
     else:
         tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, partial, mask=row_mask)
-        # Every thread's stores are ordered before the ticket (acq_rel): the last program of this row block
-        # sees the partials of all splits.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr + pid_s, 1, sem="acq_rel")
-        if ticket == NUM_SPLITS - 1:
-            logit = tl.zeros([BLOCK_S], dtype=tl.float32)
-            split_ptr = partial_ptr + rows  # pointer steps are 64-bit: no int32 product split * S
-            for _ in range(NUM_SPLITS):  # fixed order, whichever program arrived last
-                logit += tl.load(split_ptr, mask=row_mask, other=0.0, cache_modifier=".cg")
-                split_ptr += S
+        if arrived_last(ticket_ptr + pid_s, NUM_SPLITS):  # the last split of this row block adds them all
+            logit = sum_split_partials(partial_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
             tl.store(logits_ptr + rows, logit + b2, mask=row_mask)
 
 
@@ -98,6 +91,7 @@ def prepare_step_logits(hidden, step_index, w1, b1, w2, b2, *, config: ScoreConf
     )  # fmt: skip
     meta = dict(
         NUM_SPLITS=cfg.num_splits,
+        SPLIT_TILE=min(triton.next_power_of_2(cfg.num_splits), max(1, 4096 // cfg.block_s)),
         BLOCK_S=cfg.block_s,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

@@ -10,6 +10,8 @@ no more than the English single id.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -152,9 +154,10 @@ def step_positions_write_kernel(
         out += tl.sum(scored.to(tl.int64), axis=0)
 
 
-def step_token_table(step_token_ids, device) -> torch.Tensor:
-    """Byte table with table[id] = 1 for the step tokens (ids must be >= 0)."""
-    ids = torch.as_tensor(list(step_token_ids), dtype=torch.int64)
+@functools.lru_cache(maxsize=16)
+def step_token_table(step_token_ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Byte table with table[id] = 1 for the step tokens (ids >= 0); cached: the zh rule has hundreds of ids."""
+    ids = torch.as_tensor(step_token_ids, dtype=torch.int64)
     table = torch.zeros(int(ids.max()) + 1 if ids.numel() else 1, dtype=torch.uint8)
     table[ids] = 1
     return table.to(device)
@@ -171,7 +174,7 @@ def launch_step_positions(input_ids, step_token_ids, think_start_id, think_end_i
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     cu = cu_seqlens if packed else ids  # dummy pointer when padded
-    table = step_token_table(step_token_ids, device)
+    table = step_token_table(tuple(step_token_ids), device)
     bounds = torch.empty((num_candidates, 2), dtype=torch.int64, device=device)
     counts = torch.empty(num_candidates, dtype=torch.int64, device=device)
     offsets = torch.zeros(num_candidates + 1, dtype=torch.int64, device=device)

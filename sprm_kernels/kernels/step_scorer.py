@@ -2,8 +2,8 @@
 
 Shapes: hidden (B, H) with any row stride, is_step (B,) bool, running sum_log (B,) fp32 and count (B,) int64.
 Fixed shapes and no host synchronisation, so a decode step that calls it can be captured in a CUDA graph.
-Grid (NUM_SPLITS, cdiv(B, BLOCK_S)) as in sprm_score; the last program adds the partials in a fixed order,
-updates the running sums and resets the ticket counter to zero for the next call.
+Grid (NUM_SPLITS, cdiv(B, BLOCK_S)) as in sprm_score; the last program to arrive at a row block adds the
+partials in a fixed order, updates that block's running sums and resets its ticket for the next call.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import clamped_log_sigmoid, head_partial_logit, stable_sigmoid
+from .head import arrived_last, clamped_log_sigmoid, head_partial_logit, stable_sigmoid, sum_split_partials
 from .sprm_score import interpreting
 
 
@@ -26,8 +26,8 @@ def step_scorer_kernel(
     b1_ptr,
     w2_ptr,
     b2_ptr,
-    partial_ptr,  # [NUM_SPLITS, B] fp32 workspace
-    ticket_ptr,  # int32 counter: zero on entry, reset to zero on exit
+    partial_ptr,  # [NUM_SPLITS, B] fp32 workspace (unused with one split)
+    ticket_ptr,  # int32 [row blocks]: zero on entry, reset to zero on exit
     sum_log_ptr,
     count_ptr,
     step_prob_ptr,  # [B] fp32: this call's step probability of every row (flagged or not)
@@ -36,10 +36,10 @@ def step_scorer_kernel(
     F,
     cols_per_split,
     NUM_SPLITS: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,
     FP32_INPUTS: tl.constexpr,
 ):
@@ -49,32 +49,26 @@ def step_scorer_kernel(
     row_mask = rows < B
     col_begin = pid_n * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, F)
-    partial = head_partial_logit(
+    logit = head_partial_logit(
         hidden_ptr, rows * stride_h, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin, col_end, H,
         BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
-    tl.store(partial_ptr + pid_n.to(tl.int64) * B + rows, partial, mask=row_mask)
-
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
-        b2 = tl.load(b2_ptr).to(tl.float32)
-        for r0 in range(0, B, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-            r_mask = r < B
-            logit = tl.zeros([BLOCK_R], dtype=tl.float32)
-            split_ptr = partial_ptr + r
-            for _ in range(NUM_SPLITS):
-                logit += tl.load(split_ptr, mask=r_mask, other=0.0, cache_modifier=".cg")
-                split_ptr += B
-            logit += b2
-            flagged = tl.load(is_step_ptr + r, mask=r_mask, other=0) != 0
-            sum_log = tl.load(sum_log_ptr + r, mask=r_mask, other=0.0)
-            count = tl.load(count_ptr + r, mask=r_mask, other=0)
-            tl.store(sum_log_ptr + r, tl.where(flagged, sum_log + clamped_log_sigmoid(logit), sum_log), mask=r_mask)
-            tl.store(count_ptr + r, tl.where(flagged, count + 1, count), mask=r_mask)
-            tl.store(step_prob_ptr + r, stable_sigmoid(logit), mask=r_mask)
-        tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch on this stream
+    if NUM_SPLITS > 1:
+        tl.store(partial_ptr + pid_n.to(tl.int64) * B + rows, logit, mask=row_mask)
+        row_block_done = arrived_last(ticket_ptr + pid_s, NUM_SPLITS)
+    else:
+        row_block_done = True
+    if row_block_done:
+        if NUM_SPLITS > 1:
+            logit = sum_split_partials(partial_ptr, rows, row_mask, B, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
+            tl.atomic_xchg(ticket_ptr + pid_s, 0)  # ready for the next launch on this stream
+        logit += tl.load(b2_ptr).to(tl.float32)
+        flagged = tl.load(is_step_ptr + rows, mask=row_mask, other=0) != 0
+        sum_log = tl.load(sum_log_ptr + rows, mask=row_mask, other=0.0)
+        count = tl.load(count_ptr + rows, mask=row_mask, other=0)
+        tl.store(sum_log_ptr + rows, tl.where(flagged, sum_log + clamped_log_sigmoid(logit), sum_log), mask=row_mask)
+        tl.store(count_ptr + rows, tl.where(flagged, count + 1, count), mask=row_mask)
+        tl.store(step_prob_ptr + rows, stable_sigmoid(logit), mask=row_mask)
 
 
 def prepare_step_scorer(hidden, is_step, w1, b1, w2, b2, partial, ticket, sum_log, count, step_prob, config):
@@ -89,10 +83,10 @@ def prepare_step_scorer(hidden, is_step, w1, b1, w2, b2, partial, ticket, sum_lo
     )  # fmt: skip
     meta = dict(
         NUM_SPLITS=config.num_splits,
+        SPLIT_TILE=min(triton.next_power_of_2(config.num_splits), max(1, 4096 // config.block_s)),
         BLOCK_S=config.block_s,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        BLOCK_R=config.block_r,
         UPCAST=interpreting(),
         FP32_INPUTS=hidden.dtype == torch.float32,
         num_warps=config.num_warps,
