@@ -2,7 +2,7 @@
 .PHONY: install check format test test-gpu aot bench bench-plot
 
 install:
-	python -m pip install torch==2.13.0 && python -m pip install -e ".[dev]"
+	python -m pip install torch==2.13.0 && python -m pip install -e ".[dev,serve]"
 
 check:  ## lint and format check (ruff, line length 120)
 	ruff check .
