@@ -110,3 +110,36 @@ def sum_split_partials(
             cache_modifier=".cg",
         )
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht):
+    """Element offsets (int64) of the gathered rows: flat row r of a (B, T, H) tensor is (r // T, r % T)."""
+    flat_row = tl.load(step_index_ptr + rows, mask=row_mask, other=0)
+    return (flat_row // seq_len) * stride_hb + (flat_row % seq_len) * stride_ht
+
+
+@triton.jit
+def complete_row_block(
+    partial,
+    partial_ptr,
+    ticket_ptr,
+    b2_ptr,
+    rows,
+    row_mask,
+    S,
+    NUM_SPLITS: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """(logits with b2, done): with one split every program completes its block; with several, the partials go to
+    the [NUM_SPLITS, S] workspace and only the last split to arrive at this row block gets done = True and the
+    sum over all splits (its `logits` are meaningless elsewhere)."""
+    if NUM_SPLITS > 1:
+        tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * S + rows, partial, mask=row_mask)
+        done = arrived_last(ticket_ptr + tl.program_id(1), NUM_SPLITS)
+        if done:
+            partial = sum_split_partials(partial_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
+    else:
+        done = True
+    return partial + tl.load(b2_ptr).to(tl.float32), done

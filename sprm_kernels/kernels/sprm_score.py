@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import arrived_last, clamped_log_sigmoid, head_partial_logit, stable_sigmoid, sum_split_partials
+from .head import (
+    arrived_last,
+    clamped_log_sigmoid,
+    complete_row_block,
+    gathered_row_offsets,
+    head_partial_logit,
+    stable_sigmoid,
+)
 
 NO_INDEX = tl.constexpr(2**31 - 1)  # "no member" sentinel: group sizes are int32
 
@@ -125,25 +132,18 @@ def sprm_score_kernel(
     # Phase 1: partial logits of BLOCK_S gathered rows over one split of W1's columns.
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < S
-    flat_row = tl.load(step_index_ptr + rows, mask=row_mask, other=0)
-    row_offset = (flat_row // seq_len) * stride_hb + (flat_row % seq_len) * stride_ht
+    row_offset = gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht)
     col_begin = pid_n * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, F)
-    logit = head_partial_logit(
-        hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin, col_end, H,
-        BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
+    partial = head_partial_logit(
+        hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin,
+        tl.minimum(col_begin + cols_per_split, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
 
     # Phase 2: the program that completes row block s turns its logits into log p.
-    if NUM_SPLITS > 1:
-        tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, logit, mask=row_mask)
-        row_block_done = arrived_last(ticket_ptr + pid_s, NUM_SPLITS)
-    else:
-        row_block_done = True
+    logit, row_block_done = complete_row_block(
+        partial, partial_ptr, ticket_ptr, b2_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S
+    )
     if row_block_done:
-        if NUM_SPLITS > 1:
-            logit = sum_split_partials(partial_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
-        logit += tl.load(b2_ptr).to(tl.float32)
         if WRITE_STEP_SCORES:
             tl.store(step_scores_ptr + rows, stable_sigmoid(logit), mask=row_mask)
         tl.store(log_prob_ptr + rows, clamped_log_sigmoid(logit), mask=row_mask)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import arrived_last, head_partial_logit, sum_split_partials
+from .head import complete_row_block, gathered_row_offsets, head_partial_logit
 from .sprm_score import ScoreConfig, device_sm_count, hidden_row_strides, interpreting, pick_score_config
 
 
@@ -49,23 +49,17 @@ def step_logits_kernel(
 
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < S
-    flat_row = tl.load(step_index_ptr + rows, mask=row_mask, other=0)
-    row_offset = (flat_row // seq_len) * stride_hb + (flat_row % seq_len) * stride_ht
+    row_offset = gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht)
     col_begin = pid_n * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, F)
     partial = head_partial_logit(
-        hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin, col_end, H,
-        BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
+        hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin,
+        tl.minimum(col_begin + cols_per_split, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
-    b2 = tl.load(b2_ptr).to(tl.float32)
-
-    if NUM_SPLITS == 1:
-        tl.store(logits_ptr + rows, partial + b2, mask=row_mask)
-    else:
-        tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, partial, mask=row_mask)
-        if arrived_last(ticket_ptr + pid_s, NUM_SPLITS):  # the last split of this row block adds them all
-            logit = sum_split_partials(partial_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
-            tl.store(logits_ptr + rows, logit + b2, mask=row_mask)
+    logit, row_block_done = complete_row_block(
+        partial, partial_ptr, ticket_ptr, b2_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S
+    )
+    if row_block_done:
+        tl.store(logits_ptr + rows, logit, mask=row_mask)
 
 
 def prepare_step_logits(hidden, step_index, w1, b1, w2, b2, *, config: ScoreConfig | None = None):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import arrived_last, clamped_log_sigmoid, head_partial_logit, stable_sigmoid, sum_split_partials
+from .head import clamped_log_sigmoid, complete_row_block, head_partial_logit, stable_sigmoid
 from .sprm_score import interpreting
 
 
@@ -48,21 +48,16 @@ def step_scorer_kernel(
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < B
     col_begin = pid_n * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, F)
-    logit = head_partial_logit(
-        hidden_ptr, rows * stride_h, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin, col_end, H,
-        BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
+    partial = head_partial_logit(
+        hidden_ptr, rows * stride_h, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin,
+        tl.minimum(col_begin + cols_per_split, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
-    if NUM_SPLITS > 1:
-        tl.store(partial_ptr + pid_n.to(tl.int64) * B + rows, logit, mask=row_mask)
-        row_block_done = arrived_last(ticket_ptr + pid_s, NUM_SPLITS)
-    else:
-        row_block_done = True
+    logit, row_block_done = complete_row_block(
+        partial, partial_ptr, ticket_ptr, b2_ptr, rows, row_mask, B, NUM_SPLITS, SPLIT_TILE, BLOCK_S
+    )
     if row_block_done:
         if NUM_SPLITS > 1:
-            logit = sum_split_partials(partial_ptr, rows, row_mask, B, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
             tl.atomic_xchg(ticket_ptr + pid_s, 0)  # ready for the next launch on this stream
-        logit += tl.load(b2_ptr).to(tl.float32)
         flagged = tl.load(is_step_ptr + rows, mask=row_mask, other=0) != 0
         sum_log = tl.load(sum_log_ptr + rows, mask=row_mask, other=0.0)
         count = tl.load(count_ptr + rows, mask=row_mask, other=0)
