@@ -49,6 +49,12 @@ class Candidate:
     step_scores: list[float]  # probability of each scored step
     score_positions: list[int]  # scored positions in prompt + token_ids
     finished: bool  # True when the row wrote `</think>` within max_think_tokens
+    # generate(return_features=True): [len(score_positions), H] layer L-2 rows the step scores came from (model
+    # dtype and device), row i at score_positions[i]; None otherwise. Not compared (tensors) nor printed.
+    step_features: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # generate(answer_all=True): this candidate's answer, decoded from its own KV cache; None otherwise.
+    answer_token_ids: list[int] | None = None
+    answer: str | None = None
 
 
 @dataclass
@@ -301,6 +307,8 @@ class ReflectiveModel:
         seed: int | None = None,
         backend: str | None = None,
         progress: bool = False,
+        return_features: bool = False,
+        answer_all: bool = False,
     ) -> GenerationResult:
         """Best-of-k reflective generation (SPEC 1, 5).
 
@@ -315,6 +323,12 @@ class ReflectiveModel:
         the steps it wrote (SPEC 3 with end = its length) and `finished=False`; it is chosen only when no row
         finished, and then `</think>` is appended before the answer. Deterministic for a fixed `seed` (on one device
         and backend). temperature 0 makes the k rows identical.
+
+        For training the head (`sprm_kernels.model.train`): `return_features` puts on each candidate the layer L-2
+        rows its step scores were computed from (`Candidate.step_features`, kept while decoding: no second forward;
+        it costs one more small host synchronisation per decode step). `answer_all` also decodes every other
+        candidate's answer, each from its own KV cache (no re-prefill), after the chosen one's, which stays what it
+        is without the option; meanwhile it holds a copy of the KV of the other rows still in the batch.
         """
         k = _resolve_k(mode, k)
         _check_int("max_think_tokens", max_think_tokens, minimum=1)
@@ -327,6 +341,9 @@ class ReflectiveModel:
             raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed: expected an int or None, got {seed!r}")
+        for name, value in (("return_features", return_features), ("answer_all", answer_all)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected a bool, got {value!r}")
         backend = self.backend if backend is None else backend
         resolve_backend(self.device, backend)
         prompt_ids = chat_prompt_ids(self.tokenizer, prompt_or_messages)
@@ -340,29 +357,37 @@ class ReflectiveModel:
             out = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, **self._last_logits_only)
             features = captured["features"][0]
             prompt_step_probs = self._prompt_step_probs(prompt_ids, features, backend)
+            # Rows of the prompt positions that a later marker could bring into the span (see _finalize_candidates).
+            prompt_features = {t: features[t].clone() for t in prompt_step_probs} if return_features else None
             cache.batch_repeat_interleave(k)  # the k rows share the prompt: one prefill, k copies of its KV
             seconds["prefill"] = clock.lap()
 
             think = self._decode_thinking(
                 cache, out.logits[:, -1].expand(k, -1), features[-1].expand(k, -1), prompt_ids, k,
                 max_think_tokens, partial(sample_tokens, temperature=temperature, top_p=top_p, generator=generator),
-                captured, backend, progress,
+                captured, backend, progress, prompt_features,
             )  # fmt: skip
             seconds["think"] = clock.lap()
 
         candidates = self._finalize_candidates(prompt_ids, think, prompt_step_probs, backend)
         best = choose_best([c.score for c in candidates], [c.finished for c in candidates])
         chosen = candidates[best]
+        other_caches = {j: think.copy_cache(j) for j in range(k) if j != best} if answer_all else {}
         cache, row = think.take_cache(best)
-        # The cache holds every token of the chosen row but its last (not fed when the row stopped).
-        keep_row(cache, row, len(prompt_ids) + len(chosen.token_ids) - 1)
-        pending = chosen.token_ids[-1:] + ([] if chosen.finished else [self.think_end_id])
         seconds["select"] = clock.lap()
 
-        answer_ids, answer_fed = self._decode_answer(
-            cache, pending, max_answer_tokens,
-            partial(sample_tokens, temperature=answer_temperature, top_p=top_p, generator=generator), progress,
-        )  # fmt: skip
+        sample_answer = partial(sample_tokens, temperature=answer_temperature, top_p=top_p, generator=generator)
+        answer_ids, answer_fed = self._answer_candidate(
+            cache, row, prompt_ids, chosen, max_answer_tokens, sample_answer, progress
+        )
+        for j, (cache, row) in other_caches.items():  # after the chosen answer, which thus keeps its samples
+            ids, fed = self._answer_candidate(cache, row, prompt_ids, candidates[j], max_answer_tokens, sample_answer)
+            candidates[j].answer_token_ids = ids
+            candidates[j].answer = self.tokenizer.decode(ids, skip_special_tokens=True)
+            answer_fed += fed
+        if answer_all:
+            chosen.answer_token_ids = answer_ids
+            chosen.answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
         seconds["answer"] = clock.lap()
         stats = GenerationStats(
             prefill_tokens=len(prompt_ids),
@@ -399,11 +424,14 @@ class ReflectiveModel:
         return dict(zip(positions, scores.step_scores.tolist(), strict=True))
 
     def _decode_thinking(
-        self, cache, logits, hidden, prompt_ids, k, max_think_tokens, sample, captured, backend, progress
-    ) -> _Thinking:
+        self, cache, logits, hidden, prompt_ids, k, max_think_tokens, sample, captured, backend, progress,
+        prompt_features=None,
+    ) -> _Thinking:  # fmt: skip
         """Sample k rows in lockstep. At step i every live row samples its token x[t+1] (t = len(prompt_ids) - 1 + i)
         from the logits of position t, whose layer L-2 state `hidden` came from the same forward: when x[t+1] is a
-        step token and the rule holds so far, that state is scored (SPEC 3 shift).
+        step token and the rule holds so far, that state is scored (SPEC 3 shift). With `prompt_features` (the
+        prefill's rows, by position), the states at every position where rules 1-3 hold are kept too: rule 4 can
+        still change when a later marker moves the span.
 
         A row that closes its thinking leaves the batch with its KV rows moved to a cache of its own (needed only
         if it is chosen), so that later forwards process live rows only. The scorer keeps a fixed [k, H] shape."""
@@ -419,6 +447,8 @@ class ReflectiveModel:
             scorer=scorer,
             cache=cache,
             rows=list(range(k)),
+            features=None if prompt_features is None else [dict(prompt_features) for _ in range(k)],
+            no_features=hidden.new_empty((0, hidden.shape[-1])),
         )
         rows = torch.arange(k, device=device)  # the candidate of each row of `cache`
         features = torch.zeros((k, hidden.shape[-1]), dtype=hidden.dtype, device=device)  # rows of all k candidates
@@ -431,13 +461,15 @@ class ReflectiveModel:
             token = torch.full((k,), self.pad_token_id, dtype=torch.long, device=device)
             token[rows] = sample(logits)
             features[rows] = hidden
-            is_step = (
+            could_score = (
                 live
                 & torch.isin(token, step_ids)  # rule 1: x[t+1] is a step token
                 & ~torch.isin(previous, step_ids)  # rule 2: first of a run
                 & (previous != self.think_start_id)  # rule 3: not <think> itself
-                & span.contains(position)  # rule 4, with the markers written so far
             )
+            is_step = could_score & span.contains(position)  # rule 4, with the markers written so far
+            if think.features is not None:
+                think.record_features(position, features, could_score)
             think.step_probs[:, i] = scorer.update(features, is_step)
             think.flagged[:, i] = is_step
             think.tokens[:, i] = token
@@ -469,7 +501,9 @@ class ReflectiveModel:
     def _finalize_candidates(self, prompt_ids, think: _Thinking, prompt_step_probs, backend) -> list[Candidate]:
         """Per-row results. The scored positions are recomputed by SPEC 3 on each final sequence; they match the
         positions scored while streaming unless a marker written later moved the span (a second `<think>`, or
-        markers in the prompt), and then the score is recomputed from the recorded step probabilities."""
+        markers in the prompt), and then the score is recomputed from the recorded step probabilities. Recorded
+        features cover every position where rules 1-3 hold (prompt and thinking): they follow the final positions
+        exactly in both cases."""
         prompt_len = len(prompt_ids)
         lengths, closed = think.lengths.tolist(), think.closed.tolist()
         responses = [row[:n] for row, n in zip(think.tokens.tolist(), lengths, strict=True)]
@@ -492,6 +526,7 @@ class ReflectiveModel:
                     step_scores=probs,
                     score_positions=positions,
                     finished=bool(closed[row]),
+                    step_features=None if think.features is None else think.features_at(row, positions),
                 )
             )
         return candidates
@@ -506,6 +541,15 @@ class ReflectiveModel:
         )  # fmt: skip
         step_index, offsets, starts = step_index.tolist(), offsets.tolist(), cu_seqlens.tolist()
         return [[i - starts[row] for i in step_index[offsets[row] : offsets[row + 1]]] for row in range(len(lengths))]
+
+    def _answer_candidate(
+        self, cache, row, prompt_ids, candidate, max_answer_tokens, sample, progress=False
+    ) -> tuple[list[int], int]:
+        """The answer after `candidate`'s thinking, from row `row` of `cache`, which holds every token of the row but
+        its last (not fed when the row stopped); `</think>` is fed first to a row that never wrote it."""
+        keep_row(cache, row, len(prompt_ids) + len(candidate.token_ids) - 1)
+        pending = candidate.token_ids[-1:] + ([] if candidate.finished else [self.think_end_id])
+        return self._decode_answer(cache, pending, max_answer_tokens, sample, progress)
 
     def _decode_answer(self, cache, pending, max_answer_tokens, sample, progress) -> tuple[list[int], int]:
         """Feed the chosen row's pending tokens, then decode one row until EOS or the budget."""
@@ -539,6 +583,29 @@ class _Thinking:
     rows: list[int]  # the candidate of each row of `cache`
     closed_caches: dict[int, object] = field(default_factory=dict)  # one-row KV of each row that left the batch
     decode_tokens: int = 0  # rows through the model in decode forwards
+    features: list[dict[int, torch.Tensor]] | None = None  # per candidate: position -> [H] layer L-2 row
+    no_features: torch.Tensor | None = None  # [0, H]: the rows of a candidate without scored positions
+
+    def record_features(self, position: int, features: torch.Tensor, could_score: torch.Tensor) -> None:
+        """Keep the rows of `features` [k, H] (position `position` of each candidate) where `could_score` [k]."""
+        candidates = could_score.nonzero().flatten().tolist()
+        if candidates:
+            rows = features[candidates]  # a copy: `features` is overwritten by the next step
+            for candidate, state in zip(candidates, rows, strict=True):
+                self.features[candidate][position] = state
+
+    def features_at(self, candidate: int, positions: list[int]) -> torch.Tensor:
+        """[len(positions), H]: the recorded rows at a candidate's final scored positions."""
+        if not positions:
+            return self.no_features
+        return torch.stack([self.features[candidate][t] for t in positions])
+
+    def copy_cache(self, candidate: int) -> tuple[object, int]:
+        """(cache, row) holding `candidate`'s KV, releasing nothing: the one-row cache of a row that left the batch
+        (nobody else uses it), else a copy of its row of the batch cache."""
+        if candidate in self.closed_caches:
+            return self.closed_caches[candidate], 0
+        return take_rows(self.cache, [self.rows.index(candidate)]), 0
 
     def take_cache(self, candidate: int) -> tuple[object, int]:
         """(cache, row) holding `candidate`'s KV; every other cache is released."""
