@@ -1,0 +1,321 @@
+"""The `sprm` command: `serve` (HTTP server), `generate` (best-of-k answer to one question), `score` (a JSONL file).
+
+    sprm serve --model DIR [--host 127.0.0.1] [--port 8001] [--max-batch-tokens N] [--max-queue N] [--token T]
+    sprm generate "What is 2+3?" --model DIR [--mode low|medium|high | --k N] [--seed S] [--json]
+    sprm score texts.jsonl --model DIR          # lines {"text": ..., "return_all_scores": false}
+
+Usage errors (a missing or malformed model folder, an unknown mode, an empty question, a bad input line) print one
+line on stderr and exit with status 2. This module also holds the JSON forms of results shared with the server,
+so that `generate` and `score` need neither FastAPI nor uvicorn (only `serve` does: the `serve` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from .reflective import MODES
+
+PROG = "sprm"
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Printed as `sprm: error: <message>`, exit status 2."""
+
+
+# -- JSON forms of results (shared with the server) ---------------------------------------------------------------
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a non-finite score (a NaN in the model's features) is written as null."""
+    return value if math.isfinite(value) else None
+
+
+def score_json(result, return_all_scores: bool) -> dict:
+    """The reference server's response: {"value"}, or with return_all_scores also the step scores, the token ids
+    and the scored positions."""
+    if not return_all_scores:
+        return {"value": finite_or_none(result.value)}
+    return {
+        "value": finite_or_none(result.value),
+        "all_scores": [finite_or_none(p) for p in result.all_scores],
+        "token_ids": result.token_ids,
+        "score_positions": result.score_positions,
+    }
+
+
+def generation_json(result, *, token_ids: bool = False) -> dict:
+    """A `GenerationResult` as JSON; token ids only when asked (k x max_think_tokens of them)."""
+    candidates = []
+    for candidate in result.candidates:
+        item = {
+            "text": candidate.text,
+            "score": finite_or_none(candidate.score),
+            "step_scores": [finite_or_none(p) for p in candidate.step_scores],
+            "score_positions": candidate.score_positions,
+            "finished": candidate.finished,
+            "num_tokens": len(candidate.token_ids),
+        }
+        if token_ids:
+            item["token_ids"] = candidate.token_ids
+        candidates.append(item)
+    stats = result.stats
+    out = {
+        "candidates": candidates,
+        "best": result.best,
+        "answer": result.answer,
+        "stats": {
+            "prefill_tokens": stats.prefill_tokens,
+            "think_decode_tokens": stats.think_decode_tokens,
+            "think_generated_tokens": stats.think_generated_tokens,
+            "answer_decode_tokens": stats.answer_decode_tokens,
+            "total_tokens": stats.total_tokens,
+            "seconds": stats.seconds,
+        },
+    }
+    if token_ids:
+        out["answer_token_ids"] = result.answer_token_ids
+        out["prompt_token_ids"] = result.prompt_token_ids
+    return out
+
+
+def context_limit(model, max_text_tokens: int | None = None) -> int | None:
+    """The longest sequence accepted: `max_text_tokens` if given, else the model's `max_position_embeddings`."""
+    if max_text_tokens is not None:
+        if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens: expected a positive int, got {max_text_tokens!r}")
+        return max_text_tokens
+    config = model.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="SPRM scoring and reflective best-of-k generation.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_model_options(command):
+        command.add_argument("--model", required=True, metavar="DIR", help="official-layout model folder")
+        command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+
+    serve = commands.add_parser("serve", help="HTTP server: /score, /score_batch, /generate, /health")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="default loopback; there is no TLS (see README)")
+    serve.add_argument("--port", type=int, default=8001)
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=16384,
+        help="tokens per scoring batch, rows x longest text (default 16384)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=1024,
+        help="texts and generations in hand (queued or running); beyond: 503 (default 1024)",
+    )
+    serve.add_argument(
+        "--max-text-tokens",
+        type=positive_int,
+        default=None,
+        help="longest text accepted (default the model's max_position_embeddings)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get("SPRM_SERVER_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' (default $SPRM_SERVER_TOKEN; the environment "
+        "keeps it out of the process list)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action="store_true", help="one log line per request (default: per batch)")
+
+    generate = commands.add_parser("generate", help="best-of-k reflective answer to one question")
+    generate.add_argument("question")
+    add_model_options(generate)
+    size = generate.add_mutually_exclusive_group()
+    size.add_argument("--mode", choices=list(MODES), default=None, help="k = 2 / 8 / 32 (default medium)")
+    size.add_argument("--k", type=positive_int, default=None, help="number of candidates")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--max-think-tokens", type=positive_int, default=4096)
+    generate.add_argument("--max-answer-tokens", type=non_negative_int, default=1024)
+    generate.add_argument("--temperature", type=float, default=0.6)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    score = commands.add_parser("score", help='score a JSONL file of {"text", "return_all_scores"} lines ("-": stdin)')
+    score.add_argument("file", metavar="FILE.jsonl")
+    add_model_options(score)
+    score.add_argument("--max-batch-tokens", type=positive_int, default=16384)
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 after printing its message (0 for --help)
+        return exit_.code if isinstance(exit_.code, int) else USAGE_ERROR
+    try:
+        return {"serve": run_serve, "generate": run_generate, "score": run_score}[args.command](args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def load_model(path: str, device: str | None):
+    """`ReflectiveModel.from_pretrained`, with a one-line UsageError for a missing or malformed folder."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--model {path}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--model {path}: not a model folder (no config.json)")
+    from .reflective import ReflectiveModel
+
+    try:
+        return ReflectiveModel.from_pretrained(path, device=device)
+    except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model {path}: cannot load the model: {message}") from None
+
+
+def run_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as error:
+        raise UsageError(f"serve needs the serve extra (pip install 'sprm-kernels[serve]'): {error}") from None
+    model = load_model(args.model, args.device)
+    serve(
+        model, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
+        max_text_tokens=args.max_text_tokens, token=args.token, log_level=args.log_level, access_log=args.access_log,
+    )  # fmt: skip
+    return 0
+
+
+def run_generate(args) -> int:
+    if not args.question.strip():
+        raise UsageError("the question is empty")
+    model = load_model(args.model, args.device)
+    check_generation_fits(model, args.question, args.max_think_tokens, args.max_answer_tokens)
+    try:
+        result = model.generate(
+            args.question, mode=args.mode or "medium", k=args.k, seed=args.seed, max_think_tokens=args.max_think_tokens,
+            max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, top_p=args.top_p,
+        )  # fmt: skip
+    except ValueError as error:  # e.g. a temperature or top_p out of range
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(generation_json(result)))
+    else:
+        print(describe_generation(result))
+    return 0
+
+
+def check_generation_fits(model, prompt, max_think_tokens: int, max_answer_tokens: int) -> None:
+    """Refuse budgets that would run past the model's context (positions it was never trained on)."""
+    from .tokens import chat_prompt_ids
+
+    limit = context_limit(model)
+    prompt_tokens = len(chat_prompt_ids(model.tokenizer, prompt))
+    total = prompt_tokens + max_think_tokens + max_answer_tokens
+    if limit is not None and total > limit:
+        raise UsageError(
+            f"the prompt ({prompt_tokens} tokens) + --max-think-tokens + --max-answer-tokens = {total} tokens, over "
+            f"the model's context of {limit}"
+        )
+
+
+def describe_generation(result) -> str:
+    lines = [f"{len(result.candidates)} candidates, prompt {len(result.prompt_token_ids)} tokens"]
+    lines.append("     #    score  steps  tokens  finished  thinking")
+    for index, candidate in enumerate(result.candidates):
+        mark = "*" if index == result.best else " "
+        lines.append(
+            f"  {mark} {index:2d}  {candidate.score:7.4f}  {len(candidate.score_positions):5d}  "
+            f"{len(candidate.token_ids):6d}  {'yes' if candidate.finished else 'no':8s}  {summary(candidate.text)}"
+        )
+    stats = result.stats
+    timings = ", ".join(f"{phase} {1000 * seconds:.1f} ms" for phase, seconds in stats.seconds.items())
+    lines += [
+        f"chosen: candidate {result.best} (score {result.candidates[result.best].score:.4f})",
+        f"answer: {result.answer!r}",
+        f"timings: {timings}; {stats.total_tokens} tokens through the model",
+    ]
+    return "\n".join(lines)
+
+
+def summary(text: str, width: int = 60) -> str:
+    """The start and the end of a thinking, escaped onto one line."""
+    if len(text) <= width:
+        return repr(text)
+    half = width // 2
+    return f"{text[:half]!r} ... {text[-half:]!r}"
+
+
+def run_score(args) -> int:
+    requests = read_score_requests(args.file)
+    model = load_model(args.model, args.device)
+    limit = context_limit(model)
+    sequences = []
+    for line_number, text, _ in requests:
+        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if limit is not None and len(ids) > limit:
+            raise UsageError(f"{args.file}:{line_number}: {len(ids)} tokens, over the model's limit of {limit}")
+        sequences.append(ids)
+    results = model.score(sequences, return_all_scores=True, batch_tokens=args.max_batch_tokens)
+    for (_, _, return_all_scores), result in zip(requests, results, strict=True):
+        print(json.dumps(score_json(result, return_all_scores)))
+    return 0
+
+
+def read_score_requests(path: str) -> list[tuple[int, str, bool]]:
+    """(line number, text, return_all_scores) of each line, checked; blank lines are skipped."""
+    try:
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror}") from None
+    requests = []
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{where}: not JSON ({error.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                raise UsageError(f'{where}: expected an object with a string "text"')
+            unknown = set(item) - {"text", "return_all_scores"}
+            if unknown:
+                raise UsageError(f"{where}: unknown fields {sorted(unknown)}")
+            if not item["text"]:
+                raise UsageError(f"{where}: empty text")
+            return_all_scores = item.get("return_all_scores", False)
+            if not isinstance(return_all_scores, bool):
+                raise UsageError(f'{where}: expected "return_all_scores" to be true or false')
+            requests.append((number, item["text"], return_all_scores))
+    return requests
+
+
+if __name__ == "__main__":
+    sys.exit(main())

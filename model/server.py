@@ -1,0 +1,469 @@
+"""HTTP server for SPRM scoring and reflective generation, a drop-in for the reference's scoring API.
+
+`POST /score` takes the reference client's `{"text", "return_all_scores"}` and answers `{"value"}` or, with
+`return_all_scores`, `{"value", "all_scores", "token_ids", "score_positions"}` (the fields of `ScoreResult`).
+`POST /score_batch` scores a list of texts, `POST /generate` runs `ReflectiveModel.generate`, `GET /health` reports
+the model and the queue. Start it with `sprm serve --model DIR` (see `serve`).
+
+Design:
+- One worker thread owns the model: every model call (a scoring batch or a generation) runs there, one at a time
+  (an asyncio lock on the event loop orders them), so the model is never used by two calls at once, and the event
+  loop stays free to take requests meanwhile (torch releases the GIL inside its ops).
+- Dynamic batching: a score request tokenizes its text on the event loop (length checks answer at once) and queues
+  it. Once the model is free, a batching task takes the queued texts, in arrival order, while rows x longest (the
+  padded cost that `ReflectiveModel.score` counts) stays within `max_batch_tokens`, and scores them in one `score`
+  call. Texts that arrive while the model is busy form the next batch, so batches grow with the load and no
+  request ever waits on a timer.
+- Failure isolation: when a batch raises, its texts are scored again one at a time, so that only the faulty one
+  fails (500 with a message); the server keeps serving.
+- Back-pressure: at most `max_queue` texts and generations are in the server's hands (queued or running); more
+  get 503 with `Retry-After`.
+- Shutdown: on SIGTERM uvicorn stops accepting, waits for the requests in flight, then runs the lifespan shutdown,
+  which is what stops the batching task and the worker thread: it serves until the last request is answered.
+
+There is no TLS: bind to loopback (the default) or put a TLS-terminating proxy in front. `token` only guards
+against other local users or a misconfigured bind; over plain HTTP it travels in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The JSON forms of results live in cli.py so that `sprm score` / `sprm generate` run without the serve extra.
+from .cli import context_limit, generation_json, score_json
+from .reflective import ReflectiveModel, ScoreResult
+from .tokens import chat_prompt_ids
+
+logger = logging.getLogger("sprm.server")
+
+MAX_K = 64  # candidates per generation: twice the paper's "high" mode; more is a denial of service, not a request
+RETRY_AFTER_SECONDS = 1
+
+
+# -- requests ---------------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # strict: no silent coercion ("yes" -> True, 1 -> 1.0 is still allowed for floats); forbid: a misspelt field is
+    # an error rather than a default quietly used in its place.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+
+class ScoreRequest(_Strict):
+    text: NonEmptyText
+    return_all_scores: bool = False
+
+
+class ScoreBatchRequest(_Strict):
+    texts: list[NonEmptyText]
+    return_all_scores: bool = False
+
+
+class Message(_Strict):
+    role: str
+    content: str
+
+
+class GenerateRequest(_Strict):
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    mode: Literal["low", "medium", "high"] | None = None  # neither mode nor k: "medium"
+    k: int | None = Field(None, ge=1, le=MAX_K)
+    max_think_tokens: int = Field(4096, ge=1)
+    max_answer_tokens: int = Field(1024, ge=0)
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    answer_temperature: float | None = Field(None, ge=0)
+    seed: int | None = None
+    return_token_ids: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt_one_size(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("expected exactly one of prompt and messages")
+        if self.mode is not None and self.k is not None:
+            raise ValueError("expected mode or k, not both")
+        return self
+
+
+# -- the model worker -------------------------------------------------------------------------------------------
+
+
+class Overloaded(Exception):
+    """The queue is full: answered 503 with Retry-After."""
+
+
+class ModelCallFailed(Exception):
+    """A model call raised: answered 500 with this message."""
+
+
+@dataclass
+class ServerStats:
+    batches_served: int = 0
+    texts_scored: int = 0
+    largest_batch: int = 0
+    multi_text_batches: int = 0  # batches of more than one text: the evidence that batching happens
+    failed_batches: int = 0  # batches that raised and were retried one text at a time
+    failed_texts: int = 0
+    generations: int = 0
+
+
+@dataclass
+class _QueuedText:
+    token_ids: list[int]
+    future: asyncio.Future
+
+
+class ModelWorker:
+    """Runs every model call in one thread, and batches queued score requests (see the module docstring)."""
+
+    def __init__(self, model: ReflectiveModel, *, max_batch_tokens: int, max_queue: int):
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
+        self.stats = ServerStats()
+        self.in_hand = 0  # texts and generations accepted and not answered yet (queued or running)
+        self._queue: deque[_QueuedText] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sprm-model")
+        # Held around every model call. A batch is formed once the lock is won, i.e. when the model is free, so it
+        # takes every text that queued while a generation ran. asyncio.Lock is FIFO: no starvation either way.
+        self._model_lock: asyncio.Lock | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._model_lock = asyncio.Lock()
+        self._batcher = asyncio.create_task(self._batch_loop(), name="sprm-batcher")
+
+    async def stop(self) -> None:
+        """Called after the server has answered every request in flight."""
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    @contextlib.contextmanager
+    def _admitted(self, count: int):
+        if self.in_hand + count > self.max_queue:
+            raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
+        self.in_hand += count
+        try:
+            yield
+        finally:
+            self.in_hand -= count
+
+    async def score(self, sequences: list[list[int]]) -> list[ScoreResult]:
+        """Scores of token id lists, each scored in whichever batch it lands in."""
+        loop = asyncio.get_running_loop()
+        with self._admitted(len(sequences)):
+            queued = [_QueuedText(ids, loop.create_future()) for ids in sequences]
+            self._queue.extend(queued)
+            self._wakeup.set()
+            return list(await asyncio.gather(*(item.future for item in queued)))
+
+    async def generate(self, prompt, **options):
+        with self._admitted(1):
+            async with self._model_lock:
+                start = time.perf_counter()
+                try:
+                    result = await self._in_worker(partial(self.model.generate, prompt, **options))
+                finally:
+                    self.stats.generations += 1
+        logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
+                    result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
+        return result
+
+    async def _in_worker(self, call: Callable):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _batch_loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            async with self._model_lock:
+                batch = self._take_batch()
+                if batch:
+                    await self._score_batch(batch)
+
+    def _take_batch(self) -> list[_QueuedText]:
+        """Queued texts in arrival order while rows x longest stays within max_batch_tokens (the first one always)."""
+        batch, longest = [], 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # its request went away (cancelled): skip the work
+                self._queue.popleft()
+                continue
+            widest = max(longest, len(item.token_ids))
+            if batch and (len(batch) + 1) * widest > self.max_batch_tokens:
+                break
+            batch.append(self._queue.popleft())
+            longest = widest
+        return batch
+
+    def _score_sequences(self, sequences: list[list[int]]) -> list[ScoreResult]:
+        # Step scores always: they cost nothing extra, and the requests of one batch may differ in the flag.
+        return self.model.score(sequences, return_all_scores=True, batch_tokens=self.max_batch_tokens)
+
+    async def _score_batch(self, batch: list[_QueuedText]) -> None:
+        start = time.perf_counter()
+        try:
+            results = await self._in_worker(partial(self._score_sequences, [item.token_ids for item in batch]))
+        except Exception as error:  # isolate the failure: retry one at a time, so that only the faulty text fails
+            self.stats.failed_batches += 1
+            logger.warning("batch of %d texts failed (%s: %s); scoring them one at a time", len(batch),
+                           type(error).__name__, error)  # fmt: skip
+            if len(batch) == 1:
+                self._fail(batch[0], error)
+                return
+            for item in batch:
+                try:
+                    [result] = await self._in_worker(partial(self._score_sequences, [item.token_ids]))
+                except Exception as single_error:
+                    self._fail(item, single_error)
+                else:
+                    self._succeed([item], [result])
+            return
+        milliseconds = 1000 * (time.perf_counter() - start)
+        tokens = sum(len(item.token_ids) for item in batch)
+        padded = len(batch) * max(len(item.token_ids) for item in batch)
+        logger.info("batch: %d texts, %d tokens (%d padded), %.1f ms", len(batch), tokens, padded, milliseconds)
+        self.stats.batches_served += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.multi_text_batches += len(batch) > 1
+        self._succeed(batch, results)
+
+    def _succeed(self, items: list[_QueuedText], results: list[ScoreResult]) -> None:
+        self.stats.texts_scored += len(items)
+        for item, result in zip(items, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+
+    def _fail(self, item: _QueuedText, error: Exception) -> None:
+        self.stats.failed_texts += 1
+        logger.error("scoring a text of %d tokens failed: %s: %s", len(item.token_ids), type(error).__name__, error)
+        if not item.future.done():
+            item.future.set_exception(ModelCallFailed(f"scoring failed: {type(error).__name__}: {error}"))
+
+
+# -- the app ----------------------------------------------------------------------------------------------------
+
+
+class _BearerAuth:
+    """Pure ASGI middleware: with a token, every request needs `Authorization: Bearer <token>` (401 otherwise). It
+    runs before the body is parsed, so that an unauthenticated client learns nothing from validation errors."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = JSONResponse(
+                    {"detail": "missing or wrong bearer token"}, 401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    model: ReflectiveModel,
+    *,
+    max_batch_tokens: int = 16384,
+    max_queue: int = 1024,
+    max_text_tokens: int | None = None,
+    token: str | None = None,
+) -> FastAPI:
+    """The FastAPI app around an already loaded model. `max_text_tokens`: the longest text accepted (default the
+    model's `max_position_embeddings`); `token`: require `Authorization: Bearer <token>` on every request."""
+    for name, value in (("max_batch_tokens", max_batch_tokens), ("max_queue", max_queue)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    limit = context_limit(model, max_text_tokens)
+    worker = ModelWorker(model, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await worker.start()
+        yield
+        await worker.stop()
+
+    app = FastAPI(title="sprm-kernels", summary="SPRM scoring and reflective generation", lifespan=lifespan)
+    app.state.worker = worker
+    if token:
+        app.add_middleware(_BearerAuth, token=token)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, error: RequestValidationError):
+        # 400 for a body that is not JSON, 422 for JSON of the wrong shape; a readable message, never the input
+        # echoed back (it may be a megabyte of text).
+        errors = error.errors()
+        status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+        messages = [f"{'.'.join(str(part) for part in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors]
+        return JSONResponse({"detail": "; ".join(messages)}, status)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request, error: Overloaded):
+        return JSONResponse({"detail": str(error)}, 503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @app.exception_handler(ModelCallFailed)
+    async def model_call_failed(request, error: ModelCallFailed):
+        return JSONResponse({"detail": str(error)}, 500)
+
+    def tokenize(texts: list[str], what: Callable[[int], str]) -> list[list[int]]:
+        """Token ids as `ReflectiveModel.score` makes them (no special tokens added), checked against the limit."""
+        encoded = model.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        sequences = [list(ids) for ids in encoded]
+        for index, ids in enumerate(sequences):
+            if not ids:
+                raise HTTPException(422, f"{what(index)}: expected a text with at least one token, got none")
+            if limit is not None and len(ids) > limit:
+                raise HTTPException(413, f"{what(index)}: {len(ids)} tokens, over the limit of {limit} tokens")
+        return sequences
+
+    @app.post("/score")
+    async def score(request: ScoreRequest) -> dict:
+        sequences = tokenize([request.text], lambda index: "text")
+        [result] = await worker.score(sequences)
+        return score_json(result, request.return_all_scores)
+
+    @app.post("/score_batch")
+    async def score_batch(request: ScoreBatchRequest) -> dict:
+        if len(request.texts) > max_queue:
+            raise HTTPException(413, f"texts: {len(request.texts)} texts, over the limit of {max_queue} per request")
+        sequences = tokenize(request.texts, lambda index: f"texts.{index}")
+        results = await worker.score(sequences)
+        return {"results": [score_json(result, request.return_all_scores) for result in results]}
+
+    @app.post("/generate")
+    async def generate(request: GenerateRequest) -> dict:
+        prompt = request.prompt if request.prompt is not None else [m.model_dump() for m in request.messages]
+        try:
+            prompt_tokens = len(chat_prompt_ids(model.tokenizer, prompt))
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from None
+        total = prompt_tokens + request.max_think_tokens + request.max_answer_tokens
+        if limit is not None and total > limit:
+            raise HTTPException(
+                413,
+                f"prompt ({prompt_tokens} tokens) + max_think_tokens + max_answer_tokens = {total}, over the limit of "
+                f"{limit} tokens",
+            )
+        options = request.model_dump(include={"k", "max_think_tokens", "max_answer_tokens", "temperature", "top_p",
+                                              "answer_temperature", "seed"})  # fmt: skip
+        try:
+            result = await worker.generate(prompt, mode=request.mode or "medium", **options)
+        except ValueError as error:  # an argument the request model let through and `generate` refused
+            raise HTTPException(422, str(error)) from None
+        except (Overloaded, HTTPException):
+            raise
+        except Exception as error:
+            logger.exception("generation failed")
+            raise ModelCallFailed(f"generation failed: {type(error).__name__}: {error}") from None
+        return generation_json(result, token_ids=request.return_token_ids)
+
+    @app.get("/health")
+    async def health() -> dict:
+        path = getattr(model.model.config, "_name_or_path", "") or ""
+        return {
+            "status": "ok",
+            "model": path.rstrip("/").rsplit("/", 1)[-1] or type(model.model).__name__,
+            "path": path,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "backend": model.backend or "auto",
+            "max_batch_tokens": max_batch_tokens,
+            "max_queue": max_queue,
+            "max_text_tokens": limit,
+            "queue_depth": worker.in_hand,
+            **asdict(worker.stats),
+        }
+
+    return app
+
+
+def serve(
+    model: ReflectiveModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    max_batch_tokens: int = 16384,
+    max_queue: int = 1024,
+    max_text_tokens: int | None = None,
+    token: str | None = None,
+    log_level: str = "info",
+    access_log: bool = False,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight and return (a clean stop, exit status 0)."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    _log_to_stderr(log_level)
+    app = create_app(
+        model, max_batch_tokens=max_batch_tokens, max_queue=max_queue, max_text_tokens=max_text_tokens, token=token
+    )
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s without --token: anyone who can reach this port can use the model", host)
+    logger.info("no TLS: keep the server on loopback or put a TLS-terminating proxy in front")
+    # timeout_graceful_shutdown None: on SIGTERM, wait for every request in flight however long it takes (a second
+    # SIGINT forces the exit).
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None
+    )
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    # uvicorn (>= 0.29) handles SIGTERM / SIGINT itself, shuts down gracefully, then re-raises the signal to the
+    # previous handler, which by default would kill the process with that signal after a clean shutdown. This
+    # handler turns the re-raised signal into a normal return.
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped
+
+
+def _log_to_stderr(level: str) -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s sprm: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
