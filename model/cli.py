@@ -17,6 +17,7 @@ import math
 import os
 import sys
 
+from .head import PT_NAME, SAFETENSORS_NAME
 from .reflective import MODES
 
 PROG = "sprm"
@@ -189,8 +190,13 @@ def load_model(path: str, device: str | None):
         raise UsageError(f"--model {path}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"--model {path}: not a model folder (no config.json)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in (PT_NAME, SAFETENSORS_NAME)):
+        raise UsageError(f"--model {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
+    from transformers.utils import logging as transformers_logging
+
     from .reflective import ReflectiveModel
 
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bars on a command's stderr
     try:
         return ReflectiveModel.from_pretrained(path, device=device)
     except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)

@@ -1,0 +1,162 @@
+"""The `sprm` command line (model/cli.py) on a tiny saved model: `generate` and `score` outputs, and usage errors
+(exit status 2, one message, no traceback). `serve` is exercised by tests/test_server.py (the SIGTERM test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sprm_kernels.model import ReflectiveModel, tiny
+from sprm_kernels.model.cli import main
+
+GENERATE = ["--k", "3", "--max-think-tokens", "16", "--max-answer-tokens", "4", "--seed", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: faster, and stable on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.save_tiny_reflective(tmp_path_factory.mktemp("cli") / "model")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_generate_prints_candidates_choice_answer_and_timings(capsys, model_dir):
+    status, out, err = run(capsys, "generate", "1+2", "--model", model_dir, *GENERATE)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("3 candidates, prompt ")
+    candidate_lines = lines[2:5]
+    assert sum(line.lstrip().startswith("*") for line in candidate_lines) == 1
+    best = next(int(line.split()[1]) for line in candidate_lines if line.lstrip().startswith("*"))
+    assert lines[5].startswith(f"chosen: candidate {best} (score ")
+    assert lines[6].startswith("answer: ") and lines[7].startswith("timings: prefill ")
+    assert lines[7].endswith("tokens through the model")
+
+
+def test_generate_json_equals_generate(capsys, model_dir):
+    status, out, _ = run(capsys, "generate", "1+2", "--model", model_dir, "--json", *GENERATE)
+    assert status == 0
+    answer = json.loads(out)
+    expected = ReflectiveModel.from_pretrained(model_dir).generate(
+        "1+2", k=3, max_think_tokens=16, max_answer_tokens=4, seed=0
+    )
+    assert answer["best"] == expected.best and answer["answer"] == expected.answer
+    assert [c["score"] for c in answer["candidates"]] == [c.score for c in expected.candidates]
+
+
+def test_score_prints_one_json_result_per_line(capsys, tmp_path, model_dir):
+    texts = ["<think>1+1=2.\n\n2+2=4.\n\n</think>4", "no steps", "<think>3+3=6.\n\n</think>6"]
+    lines = [{"text": texts[0]}, {"text": texts[1], "return_all_scores": True}, {"text": texts[2]}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
+    status, out, err = run(capsys, "score", str(path), "--model", model_dir)
+    assert status == 0, err
+    results = [json.loads(line) for line in out.splitlines()]
+    expected = ReflectiveModel.from_pretrained(model_dir).score(texts, return_all_scores=True)
+    assert results[0] == {"value": expected[0].value}
+    assert results[1] == {"value": 0.0, "all_scores": [], "token_ids": expected[1].token_ids, "score_positions": []}
+    assert results[2] == {"value": expected[2].value}
+
+
+def write_bad_folders(root) -> dict[str, str]:
+    folders = {name: root / name for name in ("empty", "garbage_config", "no_head", "no_tokenizer")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["garbage_config"] / "config.json").write_text("{ not json")
+    (folders["garbage_config"] / "score_module.pt").write_bytes(b"")
+    tiny.make_tiny_policy("qwen2", 30).save_pretrained(folders["no_head"])
+    tiny.make_tiny_policy("qwen2", 30).save_pretrained(folders["no_tokenizer"])
+    torch.save(tiny.make_tiny_head(32).state_dict(), folders["no_tokenizer"] / "score_module.pt")
+    return {name: str(folder) for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such folder"),
+        ("empty", "not a model folder (no config.json)"),
+        ("garbage_config", "cannot load the model"),
+        ("no_head", "no SPRM head (score_module.pt or sprm_head.safetensors)"),
+        ("no_tokenizer", "cannot load the model"),
+    ],
+)
+def test_bad_model_folder_exits_2_with_a_message(capsys, tmp_path, case, message):
+    folders = write_bad_folders(tmp_path)
+    capsys.readouterr()  # saving writes progress bars
+    folder = folders.get(case, str(tmp_path / "missing"))
+    for argv in (["generate", "1+2", "--model", folder], ["score", os.devnull, "--model", folder]):
+        status, out, err = run(capsys, *argv)
+        assert status == 2 and out == ""
+        assert err.startswith(f"sprm: error: --model {folder}: {message}") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "1+2", "--mode", "ultra"], "invalid choice: 'ultra'"),
+        (["generate", "1+2", "--mode", "low", "--k", "2"], "not allowed with argument"),
+        (["generate", "1+2", "--k", "0"], "expected a positive int"),
+        (["generate", "  "], "the question is empty"),
+        (["generate", "1+2"], "over the model's context of 256"),  # default budgets 4096 + 1024
+        (["generate", "1+2", "--top-p", "0", *GENERATE], "top_p"),
+        (["generate", "1+2", "--model"], "expected one argument"),
+        (["score", "missing.jsonl"], "missing.jsonl: No such file or directory"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(capsys, model_dir, argv, message):
+    if "--model" not in argv:
+        argv = [*argv, "--model", model_dir]
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and out == ""
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "in.jsonl:2: not JSON"),
+        ('["text"]', 'in.jsonl:2: expected an object with a string "text"'),
+        ('{"text": 5}', 'in.jsonl:2: expected an object with a string "text"'),
+        ('{"text": ""}', "in.jsonl:2: empty text"),
+        ('{"text": "1", "return_all_scores": "yes"}', 'expected "return_all_scores" to be true or false'),
+        ('{"text": "1", "temperature": 1}', "in.jsonl:2: unknown fields ['temperature']"),
+        (json.dumps({"text": "1" * 300}), "in.jsonl:2: 300 tokens, over the model's limit of 256"),
+    ],
+)
+def test_malformed_score_line_exits_2_naming_the_line(capsys, tmp_path, model_dir, line, message):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "1+1"}\n' + line + "\n")
+    status, out, err = run(capsys, "score", str(path), "--model", model_dir)
+    assert status == 2 and out == "" and message in err, err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    """The real entry point (`python -m sprm_kernels.model.cli`): --help exits 0, a usage error exits 2."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    command = [sys.executable, "-m", "sprm_kernels.model.cli"]
+    done = subprocess.run([*command, "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and all(name in done.stdout for name in ("serve", "generate", "score"))
+    done = subprocess.run(
+        [*command, "generate", "1+2", "--model", str(tmp_path / "missing")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (
+        done.returncode == 2 and done.stderr.strip() == f"sprm: error: --model {tmp_path / 'missing'}: no such folder"
+    )
