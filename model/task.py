@@ -55,7 +55,8 @@ def corrupt(value: int, rng: random.Random) -> int:
     """A different number of the same length: one digit changed (never a leading zero)."""
     digits = list(str(value))
     position = rng.randrange(len(digits))
-    choices = [d for d in "0123456789" if d != digits[position] and not (position == 0 and d == "0" and len(digits) > 1)]
+    lowest = "1" if position == 0 and len(digits) > 1 else "0"
+    choices = [d for d in "0123456789" if d != digits[position] and d >= lowest]
     digits[position] = rng.choice(choices)
     return int("".join(digits))
 

@@ -1,0 +1,275 @@
+"""`sprm eval`: best-of-k accuracy of the shipped model on held-out problems, against pass@1, voting, oracle, random.
+
+For each problem, k_max = 32 thinking candidates are sampled once with `ReflectiveModel.generate` (one prefill, one
+batched decode, every step scored by the SPR head on the fly) and rescored by the BCE head with `score`. Every
+candidate's answer is the last step's sum of its thinking (`task.answer_from_thinking`): the task makes the answer
+a deterministic function of the thinking, so no answer is decoded for the losing candidates. (generate still
+writes the chosen candidate's answer; `answer_agreement` reports how often the policy copied the sum.) Each k < 32
+is evaluated on random k-subsets of the 32 (fixed seed), the paper's scaling view: accuracy against log2 k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import task
+
+DEFAULT_KS = (1, 2, 4, 8, 16, 32)
+SUBSETS = 64  # random k-subsets per problem and k (all 32 candidates once for k = 32)
+METHODS = ("pass@1", "majority", "sprm", "sprm_bce", "sprm_vote", "oracle", "random")
+
+
+def sample_candidates(
+    rm,
+    problems,
+    *,
+    k: int,
+    temperature: float,
+    seed: int,
+    max_think_tokens: int = 96,
+    max_answer_tokens: int = 0,
+    progress: bool = False,
+) -> dict:
+    """k thinking candidates per problem: sequences (prompt + thinking ids), texts, answers, correct, scores."""
+    keys = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
+    out = {key: [] for key in keys}
+    for i, problem in enumerate(problems):
+        result = rm.generate(
+            problem.prompt, k=k, temperature=temperature, top_p=1.0, seed=seed * 1_000_003 + i,
+            max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens, backend="torch",
+        )  # fmt: skip
+        candidates = result.candidates
+        answers = [task.answer_from_thinking(c.text) if c.finished else None for c in candidates]
+        out["sequences"].append([result.prompt_token_ids + c.token_ids for c in candidates])
+        out["texts"].append([c.text for c in candidates])
+        out["answers"].append(answers)
+        out["correct"].append([task.is_correct(problem, a) for a in answers])
+        out["finished"].append([c.finished for c in candidates])
+        out["scores"].append([c.score for c in candidates])
+        out["chosen_answer"].append(result.answer)
+        out["best"].append(result.best)
+        if progress and (i + 1) % 25 == 0:
+            print(f"  sampled {i + 1}/{len(problems)} problems", file=sys.stderr)
+    return out
+
+
+def _best(scores: np.ndarray, finished: np.ndarray) -> np.ndarray:
+    """choose_best over the last axis: finished first, then the highest score (NaN lowest), lowest index on ties."""
+    key = np.where(np.isnan(scores), -1.0, scores) + 2.0 * finished  # scores lie in [0, 1]
+    return key.argmax(-1)
+
+
+def _vote(answers: list, weights) -> object:
+    """The answer with the largest total weight (None answers never win unless alone); ties: first seen."""
+    totals = {}
+    for answer, weight in zip(answers, weights, strict=True):
+        if answer is not None:
+            totals[answer] = totals.get(answer, 0.0) + weight
+    return max(totals, key=totals.get) if totals else None
+
+
+def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None, seed: int = 0) -> dict:
+    """Per method and k: accuracy over problems (subset-averaged), and per-problem values for the CIs."""
+    rng = np.random.default_rng(seed)
+    k_max = len(samples["correct"][0])
+    per_problem = {m: {k: [] for k in ks} for m in METHODS}
+    for i, problem in enumerate(problems):
+        correct = np.array(samples["correct"][i], dtype=float)
+        finished = np.array(samples["finished"][i], dtype=bool)
+        scores = {"sprm": np.array(samples["scores"][i], dtype=float)}
+        if bce_scores is not None:
+            scores["sprm_bce"] = np.array(bce_scores[i], dtype=float)
+        answers = samples["answers"][i]
+        for k in ks:
+            subsets = (
+                np.arange(k_max)[None]
+                if k == k_max
+                else np.stack([rng.choice(k_max, size=k, replace=False) for _ in range(SUBSETS)])
+            )
+            per_problem["pass@1"][k].append(correct.mean())
+            # oracle pass@k in closed form: 1 - C(n - c, k) / C(n, k)
+            c = int(correct.sum())
+            per_problem["oracle"][k].append(1.0 - math.comb(k_max - c, k) / math.comb(k_max, k))
+            per_problem["random"][k].append(correct[rng.integers(k_max, size=SUBSETS)].mean())
+            for name, values in scores.items():
+                chosen = subsets[np.arange(len(subsets)), _best(values[subsets], finished[subsets])]
+                per_problem[name][k].append(correct[chosen].mean())
+            majority, weighted = [], []
+            for subset in subsets:
+                subset_answers = [answers[j] for j in subset]
+                majority.append(task.is_correct(problem, _vote(subset_answers, np.ones(k))))
+                weighted.append(task.is_correct(problem, _vote(subset_answers, scores["sprm"][subset])))
+            per_problem["majority"][k].append(np.mean(majority))
+            per_problem["sprm_vote"][k].append(np.mean(weighted))
+    return {m: {k: np.array(v) for k, v in by_k.items()} for m, by_k in per_problem.items() if by_k[ks[0]]}
+
+
+def _ci95(values: np.ndarray) -> float:
+    return float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def within_problem_gap(samples: dict, scores_list) -> float:
+    """Mean over problems with both outcomes of (mean score of correct - mean score of wrong candidates)."""
+    gaps = []
+    for correct, scores in zip(samples["correct"], scores_list, strict=True):
+        correct, scores = np.array(correct, dtype=bool), np.array(scores, dtype=float)
+        if correct.any() and (~correct).any():
+            gaps.append(scores[correct].mean() - scores[~correct].mean())
+    return float(np.mean(gaps)) if gaps else float("nan")
+
+
+def overall_gap(samples: dict, scores_list) -> float:
+    correct = np.array([c for per in samples["correct"] for c in per], dtype=bool)
+    scores = np.array([s for per in scores_list for s in per], dtype=float)
+    return float(scores[correct].mean() - scores[~correct].mean()) if correct.any() and (~correct).any() else math.nan
+
+
+def evaluate(
+    model_dir: str | None = None,
+    n: int = 500,
+    ks=DEFAULT_KS,
+    seed: int = 0,
+    bce_head_dir: str | None = None,
+    progress: bool = True,
+    *,
+    split: str = "test",
+    temperature: float | None = None,
+    difficulty: int | None = None,
+) -> dict:
+    """Accuracy of every method for every k on n held-out problems (see the module docstring). model_dir: default
+    the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed."""
+    from .head import SPRMHead
+    from .reflective import ReflectiveModel
+
+    start = time.time()
+    model_dir = model_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+    settings = {}
+    if os.path.isfile(os.path.join(model_dir, "sprm_task.json")):
+        with open(os.path.join(model_dir, "sprm_task.json")) as f:
+            settings = json.load(f)
+    temperature = settings.get("temperature", 1.0) if temperature is None else temperature
+    difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    k_max = ks[-1]
+    rm = ReflectiveModel.from_pretrained(model_dir, device="cpu", backend="torch")
+    problems = task.problems(split, n, seed=seed, difficulty=difficulty)
+    samples = sample_candidates(
+        rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
+    )
+    bce_head_dir = bce_head_dir or os.path.join(model_dir, "bce_head")
+    bce_scores = None
+    if os.path.isdir(bce_head_dir):
+        bce = ReflectiveModel(rm.model, rm.tokenizer, SPRMHead.from_pretrained(bce_head_dir), backend="torch")
+        bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
+    per_problem = selection_metrics(samples, problems, ks, bce_scores=bce_scores, seed=seed)
+    accuracy = {m: {k: float(v.mean()) for k, v in by_k.items()} for m, by_k in per_problem.items()}
+    ci = {m: {k: _ci95(v) for k, v in by_k.items()} for m, by_k in per_problem.items()}
+    paired = {}  # SPRM minus random choice, per problem: the CI of the difference
+    for name in ("sprm", "sprm_bce"):
+        if name in per_problem:
+            paired[name] = {
+                k: {"diff": float((per_problem[name][k] - per_problem["random"][k]).mean()),
+                    "ci95": _ci95(per_problem[name][k] - per_problem["random"][k])}
+                for k in ks
+            }  # fmt: skip
+    chosen = [task.parse_answer(a) for a in samples["chosen_answer"]]
+    best_answers = [samples["answers"][i][b] for i, b in enumerate(samples["best"])]
+    gaps = {"sprm": within_problem_gap(samples, samples["scores"])}
+    overall = {"sprm": overall_gap(samples, samples["scores"])}
+    if bce_scores is not None:
+        gaps["sprm_bce"] = within_problem_gap(samples, bce_scores)
+        overall["sprm_bce"] = overall_gap(samples, bce_scores)
+    return {
+        "model_dir": model_dir,
+        "n": n,
+        "split": split,
+        "seed": seed,
+        "difficulty": difficulty,
+        "temperature": temperature,
+        "ks": list(ks),
+        "accuracy": accuracy,
+        "ci95": ci,
+        "sprm_minus_random": paired,
+        "within_problem_gap": gaps,
+        "overall_gap": overall,
+        "finished_rate": float(np.mean([f for per in samples["finished"] for f in per])),
+        "answer_agreement": float(np.mean([a == b for a, b in zip(chosen, best_answers, strict=True)])),
+        "seconds": time.time() - start,
+    }
+
+
+NAMES = {
+    "pass@1": "pass@1 (mean)", "majority": "majority vote", "sprm": "SPRM best-of-k (SPR)",
+    "sprm_bce": "SPRM best-of-k (BCE)", "sprm_vote": "SPRM-weighted vote", "oracle": "oracle pass@k",
+    "random": "random choice",
+}  # fmt: skip
+
+
+def format_table(result: dict) -> str:
+    ks = result["ks"]
+    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for method, by_k in result["accuracy"].items():
+        cells = []
+        for k in ks:
+            value = by_k[str(k)] if str(k) in by_k else by_k[k]
+            cell = f"{value:.3f}"
+            if method == "random":
+                ci = result["ci95"][method]
+                cell += f" ± {(ci[str(k)] if str(k) in ci else ci[k]):.3f}"
+            cells.append(cell)
+        lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = result["ks"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_k in result["accuracy"].items():
+        values = [by_k[k] if k in by_k else by_k[str(k)] for k in ks]
+        ax.plot([math.log2(k) for k in ks], values, marker="o", label=NAMES[method])
+    ax.set_xticks([math.log2(k) for k in ks], [str(k) for k in ks])
+    ax.set_xlabel("k candidates (log2 scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{os.path.basename(os.path.normpath(result['model_dir']))}: n={result['n']} {result['split']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_main(argv=None) -> int:
+    """`sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]`."""
+    parser = argparse.ArgumentParser(prog="sprm eval", description="best-of-k accuracy on held-out problems")
+    parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
+    parser.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
+    parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bce-head", default=None, help="folder of a BCE head (default: MODEL/bce_head)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--plot", default=None, help="write accuracy against log2 k to this PNG")
+    args = parser.parse_args(argv)
+    result = evaluate(
+        args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], seed=args.seed,
+        bce_head_dir=args.bce_head, progress=not args.json,
+    )  # fmt: skip
+    if args.plot:
+        plot(result, args.plot)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(evaluate_main())

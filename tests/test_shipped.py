@@ -1,0 +1,111 @@
+"""The shipped reflective model: its task and verifier, its tokenizer, its folder, and `evaluate` (fast, CPU)."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from sprm_kernels.model import task
+from sprm_kernels.model.build_shipped import make_tokenizer
+from sprm_kernels.model.evaluate import evaluate, format_table
+
+SHIPPED = os.path.join(os.path.dirname(task.__file__), "shipped")
+needs_shipped = pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, "config.json")), reason="not built")
+
+
+@pytest.mark.parametrize("split", list(task.SPLITS))
+def test_problems_are_deterministic_per_seed_and_split(split):
+    for seed in range(20):
+        assert task.problems(split, 10, seed=seed) == task.problems(split, 10, seed=seed)
+    assert task.problems(split, 10, seed=0) != task.problems(split, 10, seed=1)
+    others = [s for s in task.SPLITS if s != split]
+    assert all(task.problems(split, 10) != task.problems(other, 10) for other in others)
+
+
+@pytest.mark.parametrize("difficulty", [2, 3, 5, 7])
+def test_difficulty_is_the_number_of_terms(difficulty):
+    for problem in task.problems("train", 20, seed=3, difficulty=difficulty):
+        assert len(problem.terms) == difficulty and all(1 <= t < 10**task.DIGITS for t in problem.terms)
+
+
+def test_verifier_accepts_correct_traces_and_rejects_corrupted_ones():
+    rng = random.Random(0)
+    for seed in range(200):
+        problem = task.problems("validation", 1, seed=seed, difficulty=2 + seed % 5)[0]
+        thinking, answer = task.trace(problem)
+        assert task.is_correct(problem, answer) and task.is_correct(problem, int(answer))
+        assert task.answer_from_thinking(thinking) == problem.answer
+        steps = task.parse_steps(thinking)
+        assert len(steps) == len(problem.terms) - 1 and all(v == "y" and a + b == c for a, b, c, v in steps)
+        # Corrupted traces: a step says `n` exactly when it is wrong; a single wrong step makes the answer wrong.
+        thinking, answer = task.trace(problem, rng, corrupt_rate=0.5)
+        steps = task.parse_steps(thinking)
+        assert all((v == "n") == (a + b != c) for a, b, c, v in steps)
+        if sum(v == "n" for *_, v in steps) < 2:  # two wrong steps can cancel out; one cannot
+            assert task.is_correct(problem, answer) == all(v == "y" for *_, v in steps)
+        assert task.answer_from_thinking(thinking) == int(answer)
+        for wrong in (problem.answer + 1, problem.answer - 10, str(problem.answer) + "0", "", "x", None):
+            assert not task.is_correct(problem, wrong)
+
+
+def test_corrupt_changes_one_digit_and_keeps_the_length():
+    rng = random.Random(1)
+    for value in list(range(1, 300)) + [10**5 - 1]:
+        wrong = task.corrupt(value, rng)
+        assert wrong != value and len(str(wrong)) == len(str(value))
+        assert sum(a != b for a, b in zip(str(wrong), str(value), strict=True)) == 1
+
+
+def test_broken_formats_parse_to_none():
+    for text in ("", "12+3=15 y", "12+3=15.\n\n", "12+3=15 q.\n\n", "12+3=1 5 y.\n\n", "a+b=c y.\n\n"):
+        assert task.parse_steps(text) is None and task.answer_from_thinking(text) is None
+
+
+def test_tokenizer_round_trips_with_single_token_markers(tmp_path):
+    from transformers import AutoTokenizer
+
+    make_tokenizer().save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    for marker in ("<think>", "</think>", ".\n\n"):
+        assert len(tokenizer.encode(marker, add_special_tokens=False)) == 1
+    problem = task.problems("test", 1)[0]
+    thinking, answer = task.trace(problem, random.Random(0), 0.5)
+    text = "<think>" + thinking + answer
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": problem.prompt}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<think>") and problem.prompt in prompt
+
+
+@needs_shipped
+def test_shipped_folder_loads_scores_and_generates():
+    from sprm_kernels.model import ReflectiveModel, SPRMHead
+
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(SHIPPED) for f in files)
+    assert total < 8e6, "the shipped folder must stay a few MB"
+    torch.manual_seed(0)
+    rm = ReflectiveModel.from_pretrained(SHIPPED, device="cpu", backend="torch")
+    problem = task.problems("test", 1)[0]
+    thinking, answer = task.trace(problem)
+    result = rm.score("<think>" + thinking + answer, return_all_scores=True)
+    assert len(result.all_scores) == len(problem.terms) - 1 and 0 < result.value <= 1
+    generated = rm.generate(problem.prompt, k=2, max_think_tokens=8, max_answer_tokens=2, seed=0, backend="torch")
+    assert len(generated.candidates) == 2 and 0 <= generated.best < 2
+    assert SPRMHead.from_pretrained(os.path.join(SHIPPED, "bce_head")).hidden_size == rm.head.hidden_size
+
+
+@needs_shipped
+def test_evaluate_returns_a_well_formed_result():
+    result = evaluate(SHIPPED, n=4, ks=(1, 2, 4), seed=0, progress=False)
+    assert result["n"] == 4 and result["ks"] == [1, 2, 4]
+    for method in ("pass@1", "majority", "sprm", "sprm_bce", "sprm_vote", "oracle", "random"):
+        assert set(result["accuracy"][method]) == {1, 2, 4}
+        assert all(0.0 <= value <= 1.0 for value in result["accuracy"][method].values())
+    accuracy = result["accuracy"]
+    assert accuracy["oracle"][1] == pytest.approx(accuracy["pass@1"][1])
+    assert all(accuracy["oracle"][k] >= accuracy["pass@1"][k] - 1e-12 for k in (1, 2, 4))
+    assert "| SPRM best-of-k (SPR) |" in format_table(result)
+    assert evaluate(SHIPPED, n=4, ks=(1, 2, 4), seed=0, progress=False)["accuracy"] == accuracy
