@@ -1,0 +1,195 @@
+"""Throughput of `sprm serve` under load against the same model scoring one text per `score` call.
+
+    python -m bench.server_load [--model DIR] [--requests 256] [--concurrency 1 8 32]
+
+Without --model, a tiny random reflective model of a realistic size for a CPU (hidden 256, 4 layers) is written to
+a temporary folder. The baseline (sequential `ReflectiveModel.score(text)`, one text per call) runs in this process
+before the server starts; then the server runs as a subprocess on loopback and httpx clients send the same texts
+at each concurrency. Client and server share the machine, as they would on one host. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from sprm_kernels.model import ReflectiveModel, tiny
+
+
+def make_texts(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[str]:
+    """Chat-formatted thinking of `a+b=c.\\n\\n` steps, each text between min_tokens and max_tokens long."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        target = rng.randint(min_tokens, max_tokens)
+        text = f"<|user|>{rng.randint(0, 99)}+{rng.randint(0, 99)}<|end|><|assistant|><think>"
+        while True:
+            step = f"{rng.randint(0, 999)}+{rng.randint(0, 999)}={rng.randint(0, 1999)}.\n\n"
+            if len(tokenizer(text + step + "</think>x", add_special_tokens=False)["input_ids"]) > target:
+                break
+            text += step
+        texts.append(text + "</think>x")
+    return texts
+
+
+def token_count(tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def sequential_baseline(model: ReflectiveModel, texts: list[str]) -> dict:
+    model.score(texts[:4])  # warm-up
+    latencies = []
+    start = time.perf_counter()
+    for text in texts:
+        began = time.perf_counter()
+        model.score(text)
+        latencies.append(time.perf_counter() - began)
+    return {"seconds": time.perf_counter() - start, "latencies": latencies}
+
+
+async def load(base: str, texts: list[str], concurrency: int, timeout: float) -> dict:
+    """Every text POSTed to /score once, from `concurrency` concurrent clients."""
+    latencies, failures = [], 0
+    pending = iter(texts)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+
+        async def client_loop():
+            nonlocal failures
+            for text in pending:
+                began = time.perf_counter()
+                response = await client.post("/score", json={"text": text})
+                latencies.append(time.perf_counter() - began)
+                failures += response.status_code != 200
+
+        for text in texts[:concurrency]:  # warm-up: connections open, first batches run
+            await client.post("/score", json={"text": text})
+        before = (await client.get("/health")).json()
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+        after = (await client.get("/health")).json()
+    batches = after["batches_served"] - before["batches_served"]
+    texts_per_batch = (after["texts_scored"] - before["texts_scored"]) / max(batches, 1)
+    return {"seconds": seconds, "latencies": latencies, "failures": failures, "texts_per_batch": texts_per_batch}
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(model_dir: str, max_text_tokens: int, max_batch_tokens: int, startup_timeout: float = 120.0):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "sprm_kernels.model.cli", "serve", "--model", model_dir, "--port", str(port),
+        "--max-text-tokens", str(max_text_tokens), "--max-batch-tokens", str(max_batch_tokens),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    child = subprocess.Popen(command, env={**os.environ, "TRITON_INTERPRET": "0"})
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start (exit status {child.poll()})")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield base
+    finally:
+        child.terminate()
+        try:
+            child.wait(60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(10)
+
+
+def row(name: str, concurrency, count: int, tokens: int, seconds: float, latencies, batch: str) -> str:
+    p50 = 1000 * statistics.median(latencies)
+    p95 = 1000 * statistics.quantiles(latencies, n=20)[-1]
+    return (
+        f"| {name} | {concurrency} | {count} | {seconds:.2f} | {count / seconds:.1f} | {tokens / seconds:,.0f} | "
+        f"{p50:.1f} | {p95:.1f} | {batch} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.server_load", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (default: a tiny H=256, 4-layer model)")
+    parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--min-tokens", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=400)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model or tiny.save_tiny_reflective(
+            os.path.join(scratch, "model"), hidden_size=256, num_layers=4
+        )
+        model = ReflectiveModel.from_pretrained(model_dir, device="cpu")
+        texts = make_texts(model.tokenizer, args.requests, args.min_tokens, args.max_tokens)
+        tokens = token_count(model.tokenizer, texts)
+        longest = max(len(ids) for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        print(f"model {model_dir}: {type(model.model).__name__}, hidden {model.model.config.hidden_size}, "
+              f"{model.model.config.num_hidden_layers} layers; {len(texts)} texts, {tokens / len(texts):.0f} tokens "
+              f"on average ({args.min_tokens}-{args.max_tokens}); {cpu_name()}, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+
+        lines = [
+            "| mode | concurrency | requests | seconds | requests/s | tokens/s | p50 ms | p95 ms | texts per batch |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        baseline = sequential_baseline(model, texts)
+        lines.append(row("score(text), sequential", "-", len(texts), tokens, baseline["seconds"],
+                         baseline["latencies"], "1"))  # fmt: skip
+        del model  # the server process has the machine to itself (with its clients)
+
+        # The model's own context may be shorter than the texts (the tiny model's is 256): raise the server's limit.
+        with server_process(model_dir, max(longest, 1), args.max_batch_tokens) as base:
+            for concurrency in args.concurrency:
+                result = asyncio.run(load(base, texts, concurrency, args.timeout))
+                batch = f"{result['texts_per_batch']:.1f}"
+                if result["failures"]:
+                    batch += f", {result['failures']} failed"
+                lines.append(row("server /score", concurrency, len(texts), tokens, result["seconds"],
+                                 result["latencies"], batch))  # fmt: skip
+                print(lines[-1], flush=True)
+    print()
+    print("\n".join(lines))
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
