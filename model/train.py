@@ -9,7 +9,9 @@
 
 SPEC 10: a positive overall score gap or AUC proves nothing about selection (a head can learn which problems are
 hard). The metrics that matter are within a problem: the within-problem gap and AUC, and best-of-k accuracy
-against pass@1 (a random pick) and the oracle (any correct).
+against a score-blind pick, pass@1 and the oracle (any correct). And watch the share of steps the SPR filter keeps
+(`kept_correct` / `kept_wrong`): a head whose logits all share one sign keeps the steps of one class only and
+drives the loss to 0 without learning anything (seen with a fresh head on small features).
 
 Command line: `python -m sprm_kernels.model.train collect ...` and `... fit ...` (see `main`).
 """
@@ -270,8 +272,10 @@ class Metrics:
     auc: ROC AUC of the score for correct against wrong valid rollouts, pooled over problems (ties count 1/2).
     within_gap / within_auc: the same within each problem, averaged over the `mixed_problems` problems that have
     both correct and wrong valid rollouts (NaN when there are none). best_of_k: fraction of problems whose chosen
-    rollout is correct, chosen as `generate` chooses (finished rows first, then the highest score). pass_at_1: the
-    expected accuracy of a random rollout; oracle: fraction of problems with any correct rollout.
+    rollout is correct, chosen as `generate` chooses (finished rows first, then the highest score). random_pick: the
+    expected accuracy of a score-blind choice by the same rule (a random finished rollout, or any when none
+    finished): the baseline of best_of_k. pass_at_1: the expected accuracy of a random rollout; oracle: fraction
+    of problems with any correct rollout.
     """
 
     score_correct: float
@@ -281,6 +285,7 @@ class Metrics:
     within_gap: float
     within_auc: float
     best_of_k: float
+    random_pick: float
     pass_at_1: float
     oracle: float
     problems: int
@@ -309,7 +314,7 @@ def evaluate(head: SPRMHead, rollouts: RolloutSet, problems: Sequence[int] | Non
     correct, finished, valid = (getattr(rollouts, name)[index] for name in ("correct", "finished", "valid"))
     problem_of = rollouts.problem_id[index]
     good, bad = scores[valid & correct], scores[valid & ~correct]
-    within_gaps, within_aucs, chosen, pass_at_1, oracle = [], [], [], [], []
+    within_gaps, within_aucs, chosen, random_pick, pass_at_1, oracle = [], [], [], [], [], []
     for problem in problems:
         mine = problem_of == problem
         if not mine.any():
@@ -317,6 +322,8 @@ def evaluate(head: SPRMHead, rollouts: RolloutSet, problems: Sequence[int] | Non
         s, y, v = scores[mine], correct[mine], valid[mine]
         best = choose_best(s.tolist(), finished[mine].tolist())
         chosen.append(float(y[best]))
+        eligible = finished[mine] if finished[mine].any() else torch.ones_like(y)
+        random_pick.append(y[eligible].double().mean().item())
         pass_at_1.append(y.double().mean().item())
         oracle.append(float(y.any()))
         if (v & y).any() and (v & ~y).any():
@@ -330,6 +337,7 @@ def evaluate(head: SPRMHead, rollouts: RolloutSet, problems: Sequence[int] | Non
         within_gap=_mean(within_gaps),
         within_auc=_mean(within_aucs),
         best_of_k=_mean(chosen),
+        random_pick=_mean(random_pick),
         pass_at_1=_mean(pass_at_1),
         oracle=_mean(oracle),
         problems=len(chosen),
@@ -374,7 +382,10 @@ class TrainReport:
     within_gap: list[float] = field(default_factory=list)
     within_auc: list[float] = field(default_factory=list)
     best_of_k: list[float] = field(default_factory=list)
-    pass_at_1: float = math.nan  # of the evaluated problems' rollouts: the same at every evaluation
+    kept_correct: list[float] = field(default_factory=list)  # share of valid correct steps the loss kept, mean since
+    kept_wrong: list[float] = field(default_factory=list)  # the previous evaluation; the same for wrong steps
+    random_pick: float = math.nan  # baselines of the evaluated problems: the same at every evaluation
+    pass_at_1: float = math.nan
     oracle: float = math.nan
     losses: list[float] = field(default_factory=list)
     eval_on: str = "held-out"
@@ -383,23 +394,33 @@ class TrainReport:
     checkpoints: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
 
-    def add(self, step: int, train_loss: float, metrics: Metrics) -> None:
+    def add(self, step: int, recent: list[StepStats], metrics: Metrics) -> None:
         self.steps.append(step)
-        self.train_loss.append(train_loss)
+        self.train_loss.append(_mean([s.loss for s in recent]))
+        self.kept_correct.append(_mean([s.kept_correct for s in recent if not math.isnan(s.kept_correct)]))
+        self.kept_wrong.append(_mean([s.kept_wrong for s in recent if not math.isnan(s.kept_wrong)]))
         for name in CURVES:
             getattr(self, name).append(getattr(metrics, name))
-        self.pass_at_1, self.oracle = metrics.pass_at_1, metrics.oracle
+        self.random_pick, self.pass_at_1, self.oracle = metrics.random_pick, metrics.pass_at_1, metrics.oracle
 
     def line(self, index: int = -1) -> str:
         return (
-            f"step {self.steps[index]:6d}  loss {self.train_loss[index]:.4f}  gap {self.gap[index]:+.4f}  "
+            f"step {self.steps[index]:6d}  loss {self.train_loss[index]:.4f}  "
+            f"kept {self.kept_correct[index]:.2f}/{self.kept_wrong[index]:.2f}  gap {self.gap[index]:+.4f}  "
             f"auc {self.auc[index]:.3f}  within-gap {self.within_gap[index]:+.4f}  "
             f"within-auc {self.within_auc[index]:.3f}  best-of-k {self.best_of_k[index]:.3f}  "
-            f"(pass@1 {self.pass_at_1:.3f}, oracle {self.oracle:.3f})"
+            f"(random {self.random_pick:.3f}, pass@1 {self.pass_at_1:.3f}, oracle {self.oracle:.3f})"
         )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, allow_nan=True)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    kept_correct: float  # share of the batch's steps of valid correct rollouts that the loss kept (NaN: none)
+    kept_wrong: float
 
 
 def split_problems(rollouts: RolloutSet, eval_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -474,8 +495,8 @@ def train_head(
             json.dump(info, file, indent=1)
         report.checkpoints.append(str(directory))
 
-    def record(step: int, recent: list[float]) -> None:
-        report.add(step, _mean(recent), evaluate(head, rollouts, eval_set, backend=backend))
+    def record(step: int, recent: list[StepStats]) -> None:
+        report.add(step, recent, evaluate(head, rollouts, eval_set, backend=backend))
         _log(report.line(), bar)
 
     bar = _progress_bar(steps, f"train ({mode})", progress)
@@ -486,14 +507,14 @@ def train_head(
             order = torch.randperm(len(train_problems), generator=order_generator).tolist()
             shuffled = [train_problems[i] for i in order]
             epoch_batches = [shuffled[i : i + batch_problems] for i in range(0, len(shuffled), batch_problems)]
-        loss = _train_step(head, weights, optimizer, rollouts, epoch_batches.pop(0), mode, balance,
-                           positive_factor, dropout, dropout_generator, backend)  # fmt: skip
+        stats = _train_step(weights, optimizer, rollouts, epoch_batches.pop(0), mode, balance, positive_factor,
+                            dropout, dropout_generator, backend)  # fmt: skip
         step += 1
-        report.losses.append(loss)
-        recent.append(loss)
+        report.losses.append(stats.loss)
+        recent.append(stats)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{stats.loss:.4f}")
         if step % eval_every == 0 or step == steps:
             record(step, recent)
             recent = []
@@ -509,21 +530,29 @@ def train_head(
     return report
 
 
-def _train_step(head, weights, optimizer, rollouts, problems, mode, balance, positive_factor, dropout, generator,
-                backend) -> float:  # fmt: skip
+def _train_step(weights, optimizer, rollouts, problems, mode, balance, positive_factor, dropout, generator,
+                backend) -> StepStats:  # fmt: skip
     index = rollouts.rollouts_of(problems)
     device = weights[0].device
     hidden, offsets = _gather(rollouts, index, device, torch.float32)
     if hidden.shape[0] == 0:  # no scored step in the whole batch: nothing to learn, no decay-only update
-        return 0.0
+        return StepStats(0.0, math.nan, math.nan)
     step_index = torch.arange(hidden.shape[0], device=device)
     logits = sprm_step_logits(hidden, step_index, *weights, dropout=dropout, generator=generator, backend=backend)
     correct, valid = rollouts.correct[index].to(device), rollouts.valid[index].to(device)
-    loss = spr_loss(logits, offsets, correct, valid, mode=mode, balance=balance, positive_factor=positive_factor)
+    loss, details = spr_loss(logits, offsets, correct, valid, mode=mode, balance=balance,
+                             positive_factor=positive_factor, return_details=True)  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    counts = offsets[1:] - offsets[:-1]
+    correct_steps = int(((correct & valid).long() * counts).sum())
+    wrong_steps = int(((~correct & valid).long() * counts).sum())
+    return StepStats(
+        loss.item(),
+        int(details.num_pos) / correct_steps if correct_steps else math.nan,
+        int(details.num_neg) / wrong_steps if wrong_steps else math.nan,
+    )
 
 
 def _gather(rollouts: RolloutSet, index: list[int], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -284,7 +284,10 @@ def test_training_learns_the_within_problem_signal(synthetic, tmp_path, mode):
     assert sorted(report.eval_problems + report.train_problems) == list(range(160))
     assert report.within_gap[-1] >= report.within_gap[0] + 0.05 and report.within_gap[-1] >= 0.1
     assert report.within_auc[-1] >= 0.7 and report.auc[-1] >= report.auc[0] + 0.1 and report.auc[-1] >= 0.7
-    assert report.best_of_k[-1] >= report.pass_at_1 + 0.2  # selection beats a random pick by far
+    assert report.best_of_k[-1] >= report.random_pick + 0.15  # selection beats a score-blind pick by far
+    assert report.random_pick > report.pass_at_1  # finished rows first: unfinished ones are never correct here
+    kept = report.kept_correct[1:] + report.kept_wrong[1:]
+    assert all(k == 1.0 for k in kept) if mode == "bce" else all(0.2 < k < 1 for k in kept)
     assert math.isnan(report.train_loss[0]) and report.train_loss[-1] < report.train_loss[1]
 
     # Checkpoints: the official layout beside the training record, loading back to the trained head.
@@ -337,6 +340,7 @@ def test_metrics_by_hand():
     within = [(s[0] - (s[1] + s[2]) / 2), (s[3] - s[4])]
     assert m.within_gap == pytest.approx(sum(within) / 2, rel=1e-6) and m.within_auc == pytest.approx(0.5)
     assert m.best_of_k == 0.5  # problem 0 picks 2.0 (correct); problem 1 picks 3.0 (finished first), wrong
+    assert m.random_pick == pytest.approx((1 / 3 + 1 / 2) / 2)  # problem 1: a random one of its finished two
     assert m.pass_at_1 == pytest.approx((1 / 3 + 1 / 3) / 2) and m.oracle == 1.0
     assert (m.problems, m.mixed_problems) == (2, 2)
 
