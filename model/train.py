@@ -97,13 +97,17 @@ class RolloutSet:
     def hidden_size(self) -> int:
         return self.features.shape[1]
 
+    def rollouts_by_problem(self) -> dict[int, list[int]]:
+        """Problem id -> indices of its rollouts, in their stored order (problems without rollouts are absent)."""
+        by_problem = {}
+        for rollout, problem in enumerate(self.problem_id.tolist()):
+            by_problem.setdefault(problem, []).append(rollout)
+        return by_problem
+
     def rollouts_of(self, problems: Sequence[int]) -> list[int]:
         """Indices of the rollouts of `problems`, problem by problem, in their stored order."""
-        by_problem = {p: [] for p in problems}
-        for rollout, problem in enumerate(self.problem_id.tolist()):
-            if problem in by_problem:
-                by_problem[problem].append(rollout)
-        return [rollout for p in problems for rollout in by_problem[p]]
+        by_problem = self.rollouts_by_problem()
+        return [rollout for p in problems for rollout in by_problem.get(p, [])]
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `rollouts.safetensors` (the tensors) and `rollouts.json` (everything else) into `directory`."""
@@ -470,7 +474,7 @@ def train_head(
     to, the settings, the last metrics), and `train_report.json` at the end.
     """
     settings = _check_train_args(head, rollouts, locals())
-    dropout = head[2].p if dropout is None else dropout
+    dropout = settings["dropout"] = head[2].p if dropout is None else dropout
     train_problems, eval_problems = split_problems(rollouts, eval_split, seed)
     batches_per_epoch = math.ceil(len(train_problems) / batch_problems)
     steps = epochs * batches_per_epoch if steps is None else steps
@@ -486,6 +490,7 @@ def train_head(
         eval_problems=eval_problems, settings=settings,
     )  # fmt: skip
     eval_set = eval_problems or train_problems
+    by_problem = rollouts.rollouts_by_problem()
 
     def checkpoint(directory, step: int) -> None:
         head.save_pretrained(directory, save_pt=True)
@@ -507,8 +512,9 @@ def train_head(
             order = torch.randperm(len(train_problems), generator=order_generator).tolist()
             shuffled = [train_problems[i] for i in order]
             epoch_batches = [shuffled[i : i + batch_problems] for i in range(0, len(shuffled), batch_problems)]
-        stats = _train_step(weights, optimizer, rollouts, epoch_batches.pop(0), mode, balance, positive_factor,
-                            dropout, dropout_generator, backend)  # fmt: skip
+        batch = [rollout for problem in epoch_batches.pop(0) for rollout in by_problem[problem]]
+        stats = _train_step(weights, optimizer, rollouts, batch, mode, balance, positive_factor, dropout,
+                            dropout_generator, backend)  # fmt: skip
         step += 1
         report.losses.append(stats.loss)
         recent.append(stats)
@@ -530,9 +536,9 @@ def train_head(
     return report
 
 
-def _train_step(weights, optimizer, rollouts, problems, mode, balance, positive_factor, dropout, generator,
+def _train_step(weights, optimizer, rollouts, index, mode, balance, positive_factor, dropout, generator,
                 backend) -> StepStats:  # fmt: skip
-    index = rollouts.rollouts_of(problems)
+    """One AdamW step on the rollouts `index`."""
     device = weights[0].device
     hidden, offsets = _gather(rollouts, index, device, torch.float32)
     if hidden.shape[0] == 0:  # no scored step in the whole batch: nothing to learn, no decay-only update
