@@ -52,8 +52,12 @@ def make_tiny_policy(
     num_layers: int = 3,
     init_std: float = 0.02,
     max_positions: int = 256,
+    eos_token_id: int | None = None,
 ) -> nn.Module:
-    """A random causal LM: "qwen2", "qwen2-sliding" (layers 1+ attend to a window of 8) or "llama"."""
+    """A random causal LM: "qwen2", "qwen2-sliding" (layers 1+ attend to a window of 8) or "llama".
+
+    Special ids come from the tokenizer (`eos_token_id`), never from the config classes' defaults (LlamaConfig's
+    eos 2 would be `<|user|>` in the character tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -61,6 +65,7 @@ def make_tiny_policy(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=max_positions, tie_word_embeddings=False, initializer_range=init_std,
+        bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None,
     )  # fmt: skip
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
@@ -89,7 +94,10 @@ def save_tiny_reflective(
 ) -> str:
     """Writes an official-layout folder (HF model + tokenizer + `score_module.pt`) and returns its path."""
     tokenizer = make_char_tokenizer()
-    policy = make_tiny_policy(arch, len(tokenizer), seed=seed, hidden_size=hidden_size, num_layers=num_layers)
+    policy = make_tiny_policy(
+        arch, len(tokenizer), seed=seed, hidden_size=hidden_size, num_layers=num_layers,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
     head = make_tiny_head(hidden_size, seed=seed + 1)
     os.makedirs(path, exist_ok=True)
     policy.save_pretrained(path)
