@@ -29,6 +29,7 @@ from .sampling import sample_tokens
 from .tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
 
 MODES = {"low": 2, "medium": 8, "high": 32}  # the paper's reasoning-effort modes: k candidates
+MAX_PADDING = 0.1  # share of a padded scoring batch's tokens that may be padding (see _length_batches)
 
 
 @dataclass
@@ -674,18 +675,24 @@ def _is_id_list(value) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
-def _length_batches(lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
+def _length_batches(lengths: list[int], budget: int, packed: bool, max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Indices of the non-empty sequences, longest first, in batches of at most `budget` tokens: the sum of the
-    lengths when packed, rows x longest when padded (one sequence over the budget gets a batch of its own)."""
+    lengths when packed, rows x longest when padded (one sequence over the budget gets a batch of its own).
+
+    Padded batches also close before padding would exceed `max_padding` of their tokens: a padded position costs
+    a forward as much as a real one, so one wide batch of mixed lengths can be slower than scoring the sequences
+    one at a time (64 texts of 36-172 tokens padded to 2.3x their tokens: 0.6-0.7x the speed, on CPU)."""
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    batches, current, used = [], [], 0
+    batches, current, used, real = [], [], 0, 0
     for index in order:
-        cost = used + lengths[index] if packed else (len(current) + 1) * lengths[current[0] if current else index]
-        if current and cost > budget:
+        length = lengths[index]
+        cost = used + length if packed else (len(current) + 1) * lengths[current[0] if current else index]
+        too_padded = not packed and cost - (real + length) > max_padding * cost
+        if current and (cost > budget or too_padded):
             batches.append(current)
-            current, cost = [], lengths[index]
+            current, cost, real = [], length, 0
         current.append(index)
-        used = cost
+        used, real = cost, real + length
     return batches + ([current] if current else [])
 
 

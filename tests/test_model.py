@@ -360,3 +360,13 @@ def test_bad_score_inputs_and_options_are_rejected(reflective):
         reflective.score("a", batch_tokens=0)
     with pytest.raises(ValueError, match="lang"):
         ReflectiveModel(reflective.model, reflective.tokenizer, make_head(), lang="fr")
+
+
+def test_length_batches_bound_the_budget_and_the_padding():
+    from sprm_kernels.model.reflective import _length_batches
+
+    lengths = [100, 95, 50, 48, 10, 0]  # the empty sequence gets no batch
+    assert _length_batches(lengths, budget=10_000, packed=False) == [[0, 1], [2, 3], [4]]  # padding <= 10%
+    assert _length_batches(lengths, budget=10_000, packed=True) == [[0, 1, 2, 3, 4]]
+    assert _length_batches(lengths, budget=150, packed=True) == [[0], [1, 2], [3, 4]]
+    assert _length_batches([300, 20], budget=100, packed=False) == [[0], [1]]  # over the budget: alone
