@@ -1,8 +1,8 @@
 """Regenerate the shipped reflective model from scratch: `python -m sprm_kernels.model.build_shipped [--out DIR]`.
 
 1. a character tokenizer (`<think>`, `</think>`, `.\\n\\n` single tokens; generation prompt ends with `<think>`);
-2. a ~0.8M-parameter Qwen2 policy, supervised on traces of `task.py` in which 12% of the steps are corrupted
-   and marked `n` (so the policy learns both to slip now and then and to check each step it wrote);
+2. a ~0.8M-parameter Qwen2 policy, supervised on traces of `task.py` in which 12% of the sums are corrupted,
+   re-checked and marked `n` (so the policy learns both to slip now and then and to check each step it wrote);
 3. its own rollouts on training problems (k candidates per problem, temperature 1), scored by the verifier;
 4. two SPRM heads on the frozen policy's layer L-2 features at the step positions: the SPR loss (shipped as the
    head of the folder) and plain BCE (the ablation, in `bce_head/`).
@@ -28,10 +28,10 @@ from .tiny import CHAT_TEMPLATE, MARKERS, SPECIALS
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 CHARS = list("0123456789+=? yn.\n")
-POLICY = dict(hidden_size=128, num_layers=4, intermediate_size=384, heads=4, kv_heads=2, max_positions=128)
+POLICY = dict(hidden_size=128, num_layers=4, intermediate_size=384, heads=4, kv_heads=2, max_positions=160)
 SFT = dict(steps=1500, batch=64, lr=3e-3, warmup=100, seed=0)
 ROLLOUTS = dict(problems=384, k=16, temperature=1.0, seed=1)
-HEAD = dict(epochs=40, batch=512, lr=2e-3, dropout=0.5, seed=2)
+HEAD = dict(epochs=40, bce_warmup_epochs=2, batch=512, lr=2e-3, dropout=0.5, seed=2)
 log_flushed = functools.partial(print, flush=True)
 EVAL_TEMPERATURE = 1.0  # the temperature the head was trained and evaluated at (stored in sprm_task.json)
 
@@ -129,7 +129,10 @@ def step_features(rm, sequences: list[list[int]], batch_size: int = 256):
 
 
 def train_head(features, offsets, correct, *, mode: str, log=log_flushed) -> SPRMHead:
-    """An SPRM head on frozen features with `spr_loss` (mode "spr" or "bce"), minibatches of trajectories."""
+    """An SPRM head on frozen features with `spr_loss` (mode "spr" or "bce"), minibatches of trajectories.
+
+    "spr" starts with `bce_warmup_epochs` of plain BCE: from a random head the SPR filter collapsed here (all steps
+    judged positive, so every step of a wrong trajectory was filtered out and the loss reached 0 at once)."""
     from sprm_kernels import spr_loss, sprm_step_logits
 
     torch.manual_seed(HEAD["seed"])
@@ -150,7 +153,8 @@ def train_head(features, offsets, correct, *, mode: str, log=log_flushed) -> SPR
                 features, index, head[0].weight, head[0].bias, head[3].weight, head[3].bias,
                 dropout=HEAD["dropout"], generator=generator, backend="torch",
             )  # fmt: skip
-            loss = spr_loss(logits, batch_offsets, correct[chosen], mode=mode)
+            warming_up = mode == "spr" and epoch < HEAD["bce_warmup_epochs"]
+            loss = spr_loss(logits, batch_offsets, correct[chosen], mode="bce" if warming_up else mode)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,15 +1,17 @@
 """The shipped model's task: multi-term addition as running sums, each step self-checked by a verdict character.
 
-A problem is `47+85+13+62=?`. The thinking adds one term per step and ends each step with a verdict, `y` (the step
-is right) or `n` (it is wrong), then the step token:
+A problem is `47+85+13+62=?`. The thinking adds one term per step; each step writes the sum, then a re-check (the
+sum computed again), then a verdict, `y` (the two agree) or `n` (they differ), then the step token:
 
-    <think>47+85=132 y.\\n\\n132+13=145 y.\\n\\n145+62=207 y.\\n\\n</think>207
+    <think>47+85=132 132 y.\\n\\n132+13=145 145 y.\\n\\n145+62=207 207 y.\\n\\n</think>207
 
-The supervised traces contain deliberately corrupted steps (one digit of the sum changed) labelled `n`, and the
-trace then continues from the wrong value, so one bad step makes the final answer wrong. Two things follow: the
-policy makes its mistakes inside steps (it learns to write a wrong sum now and then, and sampling adds its own
-slips), and the position the SPRM reads (the one before `.\\n\\n`, i.e. the verdict character) holds the policy's
-own check of the step. The final answer is a deterministic function of the thinking: the last step's sum.
+The supervised traces contain deliberately corrupted sums (one digit changed) whose re-check is right and whose
+verdict is `n`, and the trace then continues from the wrong sum, so one bad step makes the final answer wrong. So
+the policy makes its mistakes inside steps (it learns to write a wrong sum now and then, and sampling adds its own
+slips), and the position the SPRM reads (the one before `.\\n\\n`, the verdict) follows the policy's own check of
+the step: comparing two numbers it wrote is easy even for a tiny model, where checking a sum in one position is
+not (a first design with the verdict right after the sum detected under half of the wrong sums). The final answer
+is a deterministic function of the thinking: the last step's sum.
 
 Splits draw from disjoint seed streams; `difficulty` is the number of terms (steps = terms - 1).
 """
@@ -25,7 +27,7 @@ STEP = ".\n\n"
 DIGITS = 2  # operands have 1 to DIGITS digits
 DEFAULT_DIFFICULTY = 5  # terms per problem: 4 steps
 CORRUPT_RATE = 0.12  # share of supervised steps whose sum is corrupted (and labelled `n`)
-STEP_PATTERN = re.compile(r"^(\d+)\+(\d+)=(\d+) ([yn])$")
+STEP_PATTERN = re.compile(r"^(\d+)\+(\d+)=(\d+) (\d+) ([yn])$")
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,13 @@ def trace(problem: Problem, rng: random.Random | None = None, corrupt_rate: floa
     for term in problem.terms[1:]:
         right = total + term
         written = corrupt(right, rng) if rng is not None and rng.random() < corrupt_rate else right
-        steps.append(f"{total}+{term}={written} {'y' if written == right else 'n'}{STEP}")
+        steps.append(f"{total}+{term}={written} {right} {'y' if written == right else 'n'}{STEP}")
         total = written  # a wrong step propagates: the answer depends on every step
     return "".join(steps) + "</think>", str(total)
 
 
-def parse_steps(thinking: str) -> list[tuple[int, int, int, str]] | None:
-    """[(a, b, c, verdict)] of a thinking text (markers allowed), or None when it is not in the step format."""
+def parse_steps(thinking: str) -> list[tuple[int, int, int, int, str]] | None:
+    """[(a, b, sum, re-check, verdict)] of a thinking text (markers allowed), or None if it breaks the step format."""
     body = thinking.replace("<think>", "").split("</think>")[0]
     if not body.endswith(STEP):
         return None
@@ -83,8 +85,8 @@ def parse_steps(thinking: str) -> list[tuple[int, int, int, str]] | None:
         match = STEP_PATTERN.match(chunk)
         if match is None:
             return None
-        a, b, c, verdict = match.groups()
-        steps.append((int(a), int(b), int(c), verdict))
+        a, b, c, recheck, verdict = match.groups()
+        steps.append((int(a), int(b), int(c), int(recheck), verdict))
     return steps
 
 
@@ -111,8 +113,14 @@ def step_errors(problem: Problem, thinking: str) -> dict | None:
     steps = parse_steps(thinking)
     if steps is None or len(steps) != len(problem.terms) - 1:
         return None
-    wrong_sum = [a + b != c for a, b, c, _ in steps]
-    previous = [problem.terms[0]] + [c for _, _, c, _ in steps[:-1]]
-    wrong_operand = [(a, b) != (p, t) for (a, b, _, _), p, t in zip(steps, previous, problem.terms[1:], strict=True)]
+    wrong_sum = [a + b != c for a, b, c, *_ in steps]
+    wrong_recheck = [a + b != r for a, b, _, r, _ in steps]
+    previous = [problem.terms[0]] + [c for _, _, c, *_ in steps[:-1]]
+    wrong_operand = [(a, b) != (p, t) for (a, b, *_), p, t in zip(steps, previous, problem.terms[1:], strict=True)]
     verdict_no = [v == "n" for *_, v in steps]
-    return {"wrong_sum": wrong_sum, "wrong_operand": wrong_operand, "verdict_no": verdict_no}
+    return {
+        "wrong_sum": wrong_sum,
+        "wrong_recheck": wrong_recheck,
+        "wrong_operand": wrong_operand,
+        "verdict_no": verdict_no,
+    }

@@ -37,11 +37,11 @@ def test_verifier_accepts_correct_traces_and_rejects_corrupted_ones():
         assert task.is_correct(problem, answer) and task.is_correct(problem, int(answer))
         assert task.answer_from_thinking(thinking) == problem.answer
         steps = task.parse_steps(thinking)
-        assert len(steps) == len(problem.terms) - 1 and all(v == "y" and a + b == c for a, b, c, v in steps)
+        assert len(steps) == len(problem.terms) - 1 and all(v == "y" and a + b == c == r for a, b, c, r, v in steps)
         # Corrupted traces: a step says `n` exactly when it is wrong; a single wrong step makes the answer wrong.
         thinking, answer = task.trace(problem, rng, corrupt_rate=0.5)
         steps = task.parse_steps(thinking)
-        assert all((v == "n") == (a + b != c) for a, b, c, v in steps)
+        assert all((v == "n") == (a + b != c) and a + b == r for a, b, c, r, v in steps)
         if sum(v == "n" for *_, v in steps) < 2:  # two wrong steps can cancel out; one cannot
             assert task.is_correct(problem, answer) == all(v == "y" for *_, v in steps)
         assert task.answer_from_thinking(thinking) == int(answer)
@@ -58,7 +58,7 @@ def test_corrupt_changes_one_digit_and_keeps_the_length():
 
 
 def test_broken_formats_parse_to_none():
-    for text in ("", "12+3=15 y", "12+3=15.\n\n", "12+3=15 q.\n\n", "12+3=1 5 y.\n\n", "a+b=c y.\n\n"):
+    for text in ("", "12+3=15 15 y", "12+3=15.\n\n", "12+3=15 15 q.\n\n", "12+3=15 y.\n\n", "a+b=c c y.\n\n"):
         assert task.parse_steps(text) is None and task.answer_from_thinking(text) is None
 
 
