@@ -117,6 +117,7 @@ class ModelCallFailed(Exception):
 
 @dataclass
 class ServerStats:
+    accepted: int = 0  # texts and generations admitted since the start (a 503 is not admitted)
     batches_served: int = 0
     texts_scored: int = 0
     largest_batch: int = 0
@@ -167,6 +168,7 @@ class ModelWorker:
         if self.in_hand + count > self.max_queue:
             raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
         self.in_hand += count
+        self.stats.accepted += count
         try:
             yield
         finally:
@@ -248,7 +250,7 @@ class ModelWorker:
         milliseconds = 1000 * (time.perf_counter() - start)
         tokens = sum(len(item.token_ids) for item in batch)
         padded = len(batch) * max(len(item.token_ids) for item in batch)
-        logger.info("batch: %d texts, %d tokens (%d padded), %.1f ms", len(batch), tokens, padded, milliseconds)
+        logger.info("batch of %d: %d tokens (%d padded), %.1f ms", len(batch), tokens, padded, milliseconds)
         self.stats.batches_served += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         self.stats.multi_text_batches += len(batch) > 1

@@ -339,7 +339,7 @@ def test_failing_batch_fails_only_the_faulty_request(model, monkeypatch):
     poison = "<think>0+0=0.\n\n</think>poison"
     ids = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]
     alone = {text: model.score(text) for text in texts}
-    slow_score(monkeypatch, model, seconds=1.0, slow=ids(texts[0]), poison=ids(poison))
+    slow_score(monkeypatch, model, seconds=1.5, slow=ids(texts[0]), poison=ids(poison))
     batch = texts[1:4] + [poison] + texts[4:]
     with running(create_app(model)) as base:
 
@@ -405,37 +405,33 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tmp_path):
                     break
             time.sleep(0.2)
 
-        # Three generations (the slow part, about a second) occupy the model; then scores queue behind them.
-        generation = {"prompt": "1+2", "k": 8, "max_think_tokens": 150, "max_answer_tokens": 40, "temperature": 1.0}
-        generations = [("/generate", {**generation, "seed": seed}) for seed in range(3)]
-        scores = [("/score", {"text": text}) for text in make_texts(10)]
-        responses = {}
-
-        def send(name, requests):
-            responses[name] = fire(base, requests, concurrency=len(requests), limit=120)
-
-        clients = []
-        for name, requests in (("generations", generations), ("scores", scores)):
-            clients.append(threading.Thread(target=send, args=(name, requests)))
-            clients[-1].start()
-            deadline = time.monotonic() + 30
-            while health(base)["queue_depth"] < sum(len(r) for r in (generations, scores)[: len(clients)]):
-                assert time.monotonic() < deadline, "the requests did not all arrive"
-                time.sleep(0.01)
+        # Generations (the slow part: a second or more of model time in all) and scores, sent at once.
+        generation = {"prompt": "1+2", "k": 16, "max_think_tokens": 150, "max_answer_tokens": 40, "temperature": 1.0}
+        requests = [("/generate", {**generation, "seed": seed}) for seed in range(4)]
+        requests += [("/score", {"text": text}) for text in make_texts(10)]
+        responses = []
+        client = threading.Thread(target=lambda: responses.extend(fire(base, requests, len(requests), limit=120)))
+        client.start()
+        deadline = time.monotonic() + 30
+        while True:  # until every request has arrived
+            status = health(base)
+            if status["accepted"] == len(requests):
+                break
+            assert time.monotonic() < deadline, f"the requests did not all arrive: {status}"
+            time.sleep(0.01)
         child.send_signal(signal.SIGTERM)
+        assert status["queue_depth"] >= 2, status  # requests in flight at SIGTERM
         time.sleep(0.5)
         with pytest.raises(httpx.ConnectError):  # no new connection is taken once shutting down
             httpx.get(f"{base}/health", timeout=5.0)
-        for client in clients:
-            client.join(120)
-            assert not client.is_alive()
+        client.join(120)
+        assert not client.is_alive()
         assert child.wait(60) == 0, log_path.read_text()
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(10)
     log_text = log_path.read_text()
-    statuses = [r.status_code for r in responses["generations"] + responses["scores"]]
-    assert statuses == [200] * (len(generations) + len(scores)), log_text
-    assert all(len(r.json()["candidates"]) == 8 for r in responses["generations"])
-    assert "Traceback" not in log_text and "batch: " in log_text and "generate: 8 candidates" in log_text
+    assert [r.status_code for r in responses] == [200] * len(requests), log_text
+    assert all(len(r.json()["candidates"]) == 16 for r in responses[:4])
+    assert "Traceback" not in log_text and "batch of " in log_text and "generate: 16 candidates" in log_text
