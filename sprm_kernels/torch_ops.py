@@ -73,14 +73,13 @@ def step_positions_torch(input_ids, step_token_ids, think_start_id, think_end_id
 
 def head_logits_fp32(rows, w1, b1, w2, b2) -> torch.Tensor:
     """w2 . relu(W1 x + b1) + b2 with fp32 operands and accumulation, [S, H] -> [S]."""
-    hidden = F.relu(F.linear(rows.float(), w1.float(), b1.float()))
+    hidden = F.linear(rows.float(), w1.float(), b1.float()).relu_()  # in place: one [S, 2H] buffer, not two
     return F.linear(hidden, w2.reshape(1, -1).float(), b2.reshape(1).float()).squeeze(-1)
 
 
 def clamped_log_sigmoid(logits: torch.Tensor) -> torch.Tensor:
     """max(log sigmoid(z), log 1e-10) in log space (stable for any |z|); NaN stays NaN."""
-    log_probs = F.logsigmoid(logits)
-    return torch.where(log_probs < LOG_PROB_EPS, LOG_PROB_EPS, log_probs)
+    return F.logsigmoid(logits).clamp_min_(LOG_PROB_EPS)  # NaN stays NaN (clamp propagates it)
 
 
 def sprm_score_torch(hidden, step_index, offsets, w1, b1, w2, b2, group_size, return_step_scores):
