@@ -152,6 +152,7 @@ class Settings:
     device: torch.device
     roofline: common.Roofline
     cpu_budget_s: float  # seconds of repeats per shape, shared by its providers (CPU)
+    wait_quiet_s: float  # CPU: longest wait for a quiet machine before each shape
     max_call_s: float
     max_bytes: float
     device_name: str
@@ -162,9 +163,12 @@ class Settings:
 
 def time_providers(settings: Settings, providers: dict[str, Callable]) -> dict[str, common.Timing]:
     """do_bench per provider on CUDA; on CPU all providers in turns, so that background load hits them alike."""
-    with settings.load.measuring():
-        if settings.device.type == "cuda":
+    if settings.device.type == "cuda":
+        with settings.load.measuring():
             return {name: common.time_cuda(fn) for name, fn in providers.items()}
+    if settings.wait_quiet_s > 0:
+        common.wait_until_quiet(settings.wait_quiet_s)
+    with settings.load.measuring():
         return common.time_cpu_interleaved(providers, budget_s=settings.cpu_budget_s)
 
 
@@ -295,6 +299,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="repeatable (default: bfloat16 and float16 on CUDA, float32 on CPU)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+        help="CPU: before each shape, wait up to SECONDS for other processes to leave the CPUs (<5%% busy)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -318,6 +326,7 @@ def main(argv=None) -> None:
         device=device,
         roofline=roofline,
         cpu_budget_s=0.5 if args.quick else 2.0,
+        wait_quiet_s=args.wait_quiet,
         max_call_s=args.max_call_s,
         max_bytes=max_bytes,
         device_name=common.device_name(device),
@@ -334,7 +343,7 @@ def main(argv=None) -> None:
     if args.no_compile:
         compile_note = "--no-compile"
     elif args.quick and device.type == "cpu":
-        compile_note = "--quick on CPU (inductor's first compile alone takes ~30 s on 2 cores)"
+        compile_note = "--quick on CPU (inductor's first compile takes ~30 s on 2 cores with a cold cache)"
     compiled_reference = None if compile_note else compile_reference(device)
     if compile_note:
         print(f"torch.compile of the reference left out: {compile_note}")
@@ -378,7 +387,7 @@ def machine_rows(settings: Settings) -> list[dict]:
     if settings.load.percent() is not None:
         values.append(("machine_load", "other_processes", "cpu_pct", settings.load.percent()))
     return [
-        dict(kernel=kernel, provider=provider, dtype="", S="", H="", metric=metric,
+        dict(kernel=kernel, provider=provider, dtype="", S=0, H=0, metric=metric,
              p50=_fmt(value), p20=_fmt(value), p80=_fmt(value), **stamp(settings))
         for kernel, provider, metric, value in values
     ]  # fmt: skip

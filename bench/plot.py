@@ -2,7 +2,8 @@
 
     python -m bench.plot [CSV] [--out DIR]
 
-The CSV accumulates runs; for every (device, kernel, provider, dtype, S, H, metric) the latest row is plotted.
+Only bench.kernels' rows are plotted. The CSV accumulates runs; for every (device, kernel, provider, dtype, S, H,
+metric) the latest row is plotted.
 One pair of figures per (device, kernel, dtype).
 """
 
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .common import DEFAULT_CSV  # noqa: E402
 
+KERNELS = ("sprm_score", "step_scorer_update")  # the rows of bench.kernels
 Key = tuple[str, str, str, str, int, int, str]  # device, kernel, provider, dtype, S, H, metric
 
 
@@ -29,7 +31,7 @@ def latest_rows(path: Path) -> dict[Key, dict]:
     latest: dict[Key, dict] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            if row["kernel"] == "roofline_floor":
+            if row["kernel"] not in KERNELS:  # the pipeline benchmark and machine rows share the CSV
                 continue
             key = (row["device_name"], row["kernel"], row["provider"], row["dtype"], int(row["S"]), int(row["H"]))
             key += (row["metric"],)
