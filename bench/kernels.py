@@ -319,6 +319,8 @@ def main(argv=None) -> None:
         roofline, dtypes = common.SPEC9_H100, (torch.bfloat16, torch.float16)
         max_bytes = min(args.max_gb * 1e9, 0.8 * common.cuda_free_bytes(device))
     else:
+        if args.wait_quiet > 0:
+            common.wait_until_quiet(args.wait_quiet)
         roofline, dtypes, max_bytes = common.calibrate_cpu_roofline(), (torch.float32,), args.max_gb * 1e9
     if args.dtype:
         dtypes = tuple(DTYPES[name] for name in args.dtype)
