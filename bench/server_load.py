@@ -5,7 +5,10 @@
 Without --model, a tiny random reflective model of a realistic size for a CPU (hidden 256, 4 layers) is written to
 a temporary folder. The baseline (sequential `ReflectiveModel.score(text)`, one text per call) runs in this process
 before the server starts; then the server runs as a subprocess on loopback and httpx clients send the same texts
-at each concurrency. Client and server share the machine, as they would on one host. Prints a markdown table.
+at each concurrency. Client and server share the machine, as they would on one host. Prints a markdown table with
+wall-clock throughput and latency, and the CPU time per request of the scoring process (this one for the
+baseline, the server's for the others) and of the HTTP client: on a machine shared with other work, wall time
+moves with the neighbours' load while CPU time mostly does not.
 """
 
 from __future__ import annotations
@@ -53,15 +56,22 @@ def sequential_baseline(model: ReflectiveModel, texts: list[str]) -> dict:
     """One text per `score` call, one call after another: what a client without the server's batching gets."""
     model.score(texts[:4])  # warm-up
     latencies = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for text in texts:
         began = time.perf_counter()
         model.score(text)
         latencies.append(time.perf_counter() - began)
-    return {"seconds": time.perf_counter() - start, "latencies": latencies}
+    return {"seconds": time.perf_counter() - start, "latencies": latencies, "cpu": time.process_time() - cpu_start}
 
 
-async def load(base: str, texts: list[str], concurrency: int, timeout: float) -> dict:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc): robust to other work on the machine, unlike wall time."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(base: str, pid: int, texts: list[str], concurrency: int, timeout: float) -> dict:
     """Every text POSTed to /score once, from `concurrency` concurrent clients."""
     latencies, failures = [], 0
     pending = iter(texts)
@@ -79,13 +89,17 @@ async def load(base: str, texts: list[str], concurrency: int, timeout: float) ->
         for text in texts[:concurrency]:  # warm-up: connections open, first batches run
             await client.post("/score", json={"text": text})
         before = (await client.get("/health")).json()
-        start = time.perf_counter()
+        start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), process_cpu_seconds(pid)
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
+        client_cpu, server_cpu = time.process_time() - client_cpu, process_cpu_seconds(pid) - server_cpu
         after = (await client.get("/health")).json()
     batches = after["batches_served"] - before["batches_served"]
     texts_per_batch = (after["texts_scored"] - before["texts_scored"]) / max(batches, 1)
-    return {"seconds": seconds, "latencies": latencies, "failures": failures, "texts_per_batch": texts_per_batch}
+    return {
+        "seconds": seconds, "latencies": latencies, "failures": failures, "texts_per_batch": texts_per_batch,
+        "cpu": server_cpu, "client_cpu": client_cpu,
+    }  # fmt: skip
 
 
 def cpu_name() -> str:
@@ -127,7 +141,7 @@ def server_process(
                 if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
                     break
             time.sleep(0.2)
-        yield base
+        yield base, child.pid
     finally:
         child.terminate()
         try:
@@ -141,9 +155,11 @@ def row(name: str, concurrency, count: int, tokens: int, result: dict, batch: st
     seconds, latencies = result["seconds"], result["latencies"]
     p50 = 1000 * statistics.median(latencies)
     p95 = 1000 * statistics.quantiles(latencies, n=20)[-1]
+    cpu = f"{1000 * result['cpu'] / count:.1f}"
+    client_cpu = f"{1000 * result['client_cpu'] / count:.1f}" if "client_cpu" in result else "-"
     return (
         f"| {name} | {concurrency} | {count} | {seconds:.2f} | {count / seconds:.1f} | {tokens / seconds:,.0f} | "
-        f"{p50:.1f} | {p95:.1f} | {batch} |"
+        f"{p50:.1f} | {p95:.1f} | {batch} | {cpu} | {client_cpu} |"
     )
 
 
@@ -183,17 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         # The server is idle (no CPU) while the baseline runs in this process.
         runs = {name: [] for name in ["baseline", *args.concurrency]}
         # The model's own context may be shorter than the texts (the tiny model's is 256): raise the server's limit.
-        with server_process(model_dir, longest, args.max_batch_tokens, args.threads) as base:
+        with server_process(model_dir, longest, args.max_batch_tokens, args.threads) as (base, pid):
             for round_number in range(1, args.rounds + 1):
                 runs["baseline"].append(sequential_baseline(model, texts))
                 for concurrency in args.concurrency:
-                    runs[concurrency].append(asyncio.run(load(base, texts, concurrency, args.timeout)))
+                    runs[concurrency].append(asyncio.run(load(base, pid, texts, concurrency, args.timeout)))
                 summary = ", ".join(f"{name}: {len(texts) / r[-1]['seconds']:.1f}/s" for name, r in runs.items())
                 print(f"round {round_number}: {summary} (load average {os.getloadavg()[0]:.1f})", flush=True)
 
     lines = [
-        "| mode | concurrency | requests | seconds | requests/s | tokens/s | p50 ms | p95 ms | texts per batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | concurrency | requests | seconds | requests/s | tokens/s | p50 ms | p95 ms | texts per batch "
+        "| scoring CPU ms/request | client CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, results in runs.items():
         result = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=positive_int,
         default=16384,
-        help="tokens per scoring batch, rows x longest text (default 16384)",
+        help="tokens per scoring batch and per forward, padding included (default 16384)",
     )
     serve.add_argument(
         "--max-queue",

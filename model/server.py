@@ -10,10 +10,10 @@ Design:
   (an asyncio lock on the event loop orders them), so the model is never used by two calls at once, and the event
   loop stays free to take requests meanwhile (torch releases the GIL inside its ops).
 - Dynamic batching: a score request tokenizes its text on the event loop (length checks answer at once) and queues
-  it. Once the model is free, a batching task takes the queued texts, in arrival order, while rows x longest (the
-  padded cost that `ReflectiveModel.score` counts) stays within `max_batch_tokens`, and scores them in one `score`
-  call. Texts that arrive while the model is busy form the next batch, so batches grow with the load and no
-  request ever waits on a timer.
+  it. Once the model is free, a batching task takes the queued texts, in arrival order, while their tokens stay
+  within `max_batch_tokens`, and scores them in one `score` call (which sorts them by length into forwards of at
+  most `max_batch_tokens` padded tokens with little padding). Texts that arrive while the model is busy form the
+  next batch, so batches grow with the load and no request ever waits on a timer.
 - Failure isolation: when a batch raises, its texts are scored again one at a time, so that only the faulty one
   fails (500 with a message); the server keeps serving.
 - Back-pressure: at most `max_queue` texts and generations are in the server's hands (queued or running); more
@@ -210,18 +210,19 @@ class ModelWorker:
                     await self._score_batch(batch)
 
     def _take_batch(self) -> list[_QueuedText]:
-        """Queued texts in arrival order while rows x longest stays within max_batch_tokens (the first one always)."""
-        batch, longest = [], 0
+        """Queued texts in arrival order while their tokens stay within max_batch_tokens (the first one always).
+        `ReflectiveModel.score` then sorts them by length into forwards of at most max_batch_tokens padded tokens
+        with little padding, so the batch is bounded by its real tokens, not by rows x longest."""
+        batch, tokens = [], 0
         while self._queue:
             item = self._queue[0]
             if item.future.done():  # its request went away (cancelled): skip the work
                 self._queue.popleft()
                 continue
-            widest = max(longest, len(item.token_ids))
-            if batch and (len(batch) + 1) * widest > self.max_batch_tokens:
+            if batch and tokens + len(item.token_ids) > self.max_batch_tokens:
                 break
             batch.append(self._queue.popleft())
-            longest = widest
+            tokens += len(item.token_ids)
         return batch
 
     def _score_sequences(self, sequences: list[list[int]]) -> list[ScoreResult]:
@@ -249,8 +250,8 @@ class ModelWorker:
             return
         milliseconds = 1000 * (time.perf_counter() - start)
         tokens = sum(len(item.token_ids) for item in batch)
-        padded = len(batch) * max(len(item.token_ids) for item in batch)
-        logger.info("batch of %d: %d tokens (%d padded), %.1f ms", len(batch), tokens, padded, milliseconds)
+        longest = max(len(item.token_ids) for item in batch)
+        logger.info("batch of %d: %d tokens (longest %d), %.1f ms", len(batch), tokens, longest, milliseconds)
         self.stats.batches_served += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         self.stats.multi_text_batches += len(batch) > 1
