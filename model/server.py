@@ -325,9 +325,14 @@ def create_app(
         # 400 for a body that is not JSON, 422 for JSON of the wrong shape; a readable message, never the input
         # echoed back (it may be a megabyte of text).
         errors = error.errors()
-        status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+        malformed = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if malformed is not None:
+            where = malformed.get("loc", ())[1:]
+            reason = malformed.get("ctx", {}).get("error", "")
+            detail = f"malformed JSON{f' at character {where[0]}' if where else ''}{f': {reason}' if reason else ''}"
+            return JSONResponse({"detail": detail}, 400)
         messages = [f"{'.'.join(str(part) for part in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors]
-        return JSONResponse({"detail": "; ".join(messages)}, status)
+        return JSONResponse({"detail": "; ".join(messages)}, 422)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request, error: Overloaded):

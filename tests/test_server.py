@@ -279,6 +279,12 @@ def test_bad_request_gets_4xx_json_and_server_keeps_serving(path, body, status, 
     assert client.post("/score", json={"text": "1+1=2.\n\n"}).status_code == 200
 
 
+def test_malformed_json_message(bad_input_server):
+    response = bad_input_server.post("/score", content=b'{"text": 1', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "malformed JSON at character 10: Expecting ',' delimiter"}
+
+
 @pytest.fixture(scope="module")
 def bad_input_server(model):
     with running(create_app(model, max_queue=8)) as base, httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT) as c:
