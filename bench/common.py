@@ -145,6 +145,23 @@ class OtherLoad:
         return 100.0 * self.other / self.total if self.total else None
 
 
+def wait_until_quiet(max_wait_s: float, *, busy_pct: float = 5.0, window_s: float = 2.0) -> float | None:
+    """Waits (at most `max_wait_s`) until other processes use less than `busy_pct` of the CPUs over a `window_s`
+    window; returns the last window's share, or None where /proc cannot tell."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = OtherLoad()
+        with load.measuring():
+            time.sleep(window_s)
+        share = load.percent()
+        if share is None or share < busy_pct or time.monotonic() >= deadline:
+            return share
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak bytes allocated by one call beyond what was allocated before it (outputs included), in MB.
 
