@@ -1,8 +1,12 @@
 """The `sprm` command: `serve` (HTTP server), `generate` (best-of-k answer to one question), `score` (a JSONL file).
 
     sprm serve --model DIR [--host 127.0.0.1] [--port 8001] [--max-batch-tokens N] [--max-queue N] [--token T]
-    sprm generate "What is 2+3?" --model DIR [--mode low|medium|high | --k N] [--seed S] [--json]
-    sprm score texts.jsonl --model DIR          # lines {"text": ..., "return_all_scores": false}
+    sprm generate "What is 2+3?" [--model DIR] [--mode low|medium|high | --k N] [--seed S] [--json]
+    sprm score texts.jsonl [--model DIR]        # lines {"text": ..., "return_all_scores": false}
+    sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]
+    sprm bench                                  # the quick benchmarks (from a source checkout)
+
+--model defaults to the small model shipped in the package (model/shipped, trained by build_shipped.py).
 
 Usage errors (a missing or malformed model folder, an unknown mode, an empty question, a bad input line) print one
 line on stderr and exit with status 2. This module also holds the JSON forms of results shared with the server,
@@ -21,6 +25,7 @@ from .head import PT_NAME, SAFETENSORS_NAME
 from .reflective import MODES
 
 PROG = "sprm"
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 USAGE_ERROR = 2
 
 
@@ -103,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_model_options(command):
-        command.add_argument("--model", required=True, metavar="DIR", help="official-layout model folder")
+        command.add_argument(
+            "--model", default=SHIPPED_DIR, metavar="DIR", help="official-layout folder (default: the shipped one)"
+        )
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
 
     serve = commands.add_parser("serve", help="HTTP server: /score, /score_batch, /generate, /health")
@@ -144,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--mode", choices=list(MODES), default=None, help="k = 2 / 8 / 32 (default medium)")
     size.add_argument("--k", type=positive_int, default=None, help="number of candidates")
     generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--max-think-tokens", type=positive_int, default=4096)
-    generate.add_argument("--max-answer-tokens", type=non_negative_int, default=1024)
-    generate.add_argument("--temperature", type=float, default=0.6)
+    generate.add_argument("--max-think-tokens", type=positive_int, default=None, help="default: 4096, or what fits")
+    generate.add_argument("--max-answer-tokens", type=non_negative_int, default=None, help="default: 1024, or 1/8")
+    generate.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.6")
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -154,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("file", metavar="FILE.jsonl")
     add_model_options(score)
     score.add_argument("--max-batch-tokens", type=positive_int, default=16384)
+
+    evaluate = commands.add_parser("eval", help="best-of-k accuracy on held-out problems (the shipped task)")
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="[--model DIR] [--n N] [--json] [--plot FILE.png]")
+    commands.add_parser("bench", help="the quick benchmarks (python -m bench; needs a source checkout)")
     return parser
 
 
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 after printing its message (0 for --help)
         return exit_.code if isinstance(exit_.code, int) else USAGE_ERROR
     try:
-        return {"serve": run_serve, "generate": run_generate, "score": run_score}[args.command](args)
+        commands = {"serve": run_serve, "generate": run_generate, "score": run_score, "eval": run_eval}
+        return commands.get(args.command, run_bench)(args)
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -221,11 +233,13 @@ def run_generate(args) -> int:
     if not args.question.strip():
         raise UsageError("the question is empty")
     model = load_model(args.model, args.device)
-    check_generation_fits(model, args.question, args.max_think_tokens, args.max_answer_tokens)
+    max_think, max_answer = default_budgets(model, args.question, args.max_think_tokens, args.max_answer_tokens)
+    check_generation_fits(model, args.question, max_think, max_answer)
+    temperature = args.temperature if args.temperature is not None else model_temperature(args.model, 0.6)
     try:
         result = model.generate(
-            args.question, mode=args.mode or "medium", k=args.k, seed=args.seed, max_think_tokens=args.max_think_tokens,
-            max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, top_p=args.top_p,
+            args.question, mode=args.mode or "medium", k=args.k, seed=args.seed, max_think_tokens=max_think,
+            max_answer_tokens=max_answer, temperature=temperature, top_p=args.top_p,
         )  # fmt: skip
     except ValueError as error:  # e.g. a temperature or top_p out of range
         raise UsageError(str(error)) from None
@@ -234,6 +248,42 @@ def run_generate(args) -> int:
     else:
         print(describe_generation(result))
     return 0
+
+
+def default_budgets(model, prompt, max_think_tokens: int | None, max_answer_tokens: int | None) -> tuple[int, int]:
+    """Budgets not given default to 4096 thinking / 1024 answer tokens, shrunk to fit a small model's context."""
+    from .tokens import chat_prompt_ids
+
+    limit = context_limit(model)
+    if max_answer_tokens is None:
+        max_answer_tokens = 1024 if limit is None else min(1024, max(1, limit // 8))
+    if max_think_tokens is None:
+        room = None if limit is None else limit - len(chat_prompt_ids(model.tokenizer, prompt)) - max_answer_tokens
+        max_think_tokens = 4096 if room is None else max(1, min(4096, room))
+    return max_think_tokens, max_answer_tokens
+
+
+def model_temperature(path: str, default: float) -> float:
+    """The sampling temperature a model folder recommends (`sprm_task.json` of the shipped model), else `default`."""
+    try:
+        with open(os.path.join(path, "sprm_task.json")) as f:
+            return float(json.load(f)["temperature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
+def run_eval(args) -> int:
+    from .evaluate import evaluate_main
+
+    return evaluate_main(args.rest)
+
+
+def run_bench(args) -> int:
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        raise UsageError("bench runs from a source checkout: cd into the repository and run `sprm bench`") from None
+    return bench_main([]) or 0
 
 
 def check_generation_fits(model, prompt, max_think_tokens: int, max_answer_tokens: int) -> None:

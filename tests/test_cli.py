@@ -113,7 +113,7 @@ def test_bad_model_folder_exits_2_with_a_message(capsys, tmp_path, case, message
         (["generate", "1+2", "--mode", "low", "--k", "2"], "not allowed with argument"),
         (["generate", "1+2", "--k", "0"], "expected a positive int"),
         (["generate", "  "], "the question is empty"),
-        (["generate", "1+2"], "over the model's context of 256"),  # default budgets 4096 + 1024
+        (["generate", "1+2", "--max-think-tokens", "4096", "--max-answer-tokens", "1024"], "over the model's context"),
         (["generate", "1+2", "--top-p", "0", *GENERATE], "top_p"),
         (["generate", "1+2", "--model"], "expected one argument"),
         (["score", "missing.jsonl"], "missing.jsonl: No such file or directory"),
@@ -160,3 +160,15 @@ def test_python_dash_m_entry_point(tmp_path):
     assert (
         done.returncode == 2 and done.stderr.strip() == f"sprm: error: --model {tmp_path / 'missing'}: no such folder"
     )
+
+
+def test_defaults_are_the_shipped_model_and_budgets_that_fit(capsys, model_dir):
+    from sprm_kernels.model.cli import SHIPPED_DIR, build_parser, default_budgets
+
+    assert build_parser().parse_args(["generate", "1+2"]).model == SHIPPED_DIR
+    model = ReflectiveModel.from_pretrained(model_dir, backend="torch")  # context 256
+    think, answer = default_budgets(model, "1+2", None, None)
+    assert answer == 32 and think + answer + 6 <= 256  # 1/8 of the context for the answer, the rest fits
+    assert default_budgets(model, "1+2", 7, 3) == (7, 3)
+    status, out, err = run(capsys, "generate", "1+2", "--k", "2", "--seed", "0", "--model", model_dir)
+    assert status == 0 and "chosen: candidate" in out, err
