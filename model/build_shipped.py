@@ -189,7 +189,7 @@ def save_folder(path, model, tokenizer, head: SPRMHead) -> None:
     with open(os.path.join(path, "sprm_task.json"), "w") as f:
         json.dump(
             {"task": "running-sum addition with step verdicts (sprm_kernels.model.task)",
-             "difficulty": task.DEFAULT_DIFFICULTY, "temperature": EVAL_TEMPERATURE,
+             "difficulty": task.DEFAULT_DIFFICULTY, "temperature": EVAL_TEMPERATURE, "top_p": 1.0,
              "policy": POLICY, "sft": SFT, "rollouts": ROLLOUTS, "head": HEAD},
             f, indent=1,
         )  # fmt: skip

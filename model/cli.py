@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-think-tokens", type=positive_int, default=None, help="default: 4096, or what fits")
     generate.add_argument("--max-answer-tokens", type=non_negative_int, default=None, help="default: 1024, or 1/8")
     generate.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.6")
-    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--top-p", type=float, default=None, help="default: the model's, else 0.95")
     generate.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     score = commands.add_parser("score", help='score a JSONL file of {"text", "return_all_scores"} lines ("-": stdin)')
@@ -235,11 +235,12 @@ def run_generate(args) -> int:
     model = load_model(args.model, args.device)
     max_think, max_answer = default_budgets(model, args.question, args.max_think_tokens, args.max_answer_tokens)
     check_generation_fits(model, args.question, max_think, max_answer)
-    temperature = args.temperature if args.temperature is not None else model_temperature(args.model, 0.6)
+    temperature = args.temperature if args.temperature is not None else model_sampling(args.model, "temperature", 0.6)
+    top_p = args.top_p if args.top_p is not None else model_sampling(args.model, "top_p", 0.95)
     try:
         result = model.generate(
             args.question, mode=args.mode or "medium", k=args.k, seed=args.seed, max_think_tokens=max_think,
-            max_answer_tokens=max_answer, temperature=temperature, top_p=args.top_p,
+            max_answer_tokens=max_answer, temperature=temperature, top_p=top_p,
         )  # fmt: skip
     except ValueError as error:  # e.g. a temperature or top_p out of range
         raise UsageError(str(error)) from None
@@ -263,11 +264,12 @@ def default_budgets(model, prompt, max_think_tokens: int | None, max_answer_toke
     return max_think_tokens, max_answer_tokens
 
 
-def model_temperature(path: str, default: float) -> float:
-    """The sampling temperature a model folder recommends (`sprm_task.json` of the shipped model), else `default`."""
+def model_sampling(path: str, name: str, default: float) -> float:
+    """A sampling setting ("temperature", "top_p") that a model folder recommends in `sprm_task.json` (the
+    shipped model was trained and evaluated at temperature 1, top_p 1), else `default`."""
     try:
         with open(os.path.join(path, "sprm_task.json")) as f:
-            return float(json.load(f)["temperature"])
+            return float(json.load(f)[name])
     except (OSError, ValueError, KeyError, TypeError):
         return default
 
