@@ -19,7 +19,7 @@ aot:  ## compile every kernel configuration for sm_80 and sm_90 and report regis
 	env -u TRITON_INTERPRET python -m sprm_kernels.aot --arch 80 90
 
 bench:  ## quick benchmarks (kernels and pipeline)
-	python -m bench --quick
+	python -m bench
 
 bench-plot:
 	python -m bench.plot
