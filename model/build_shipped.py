@@ -24,7 +24,7 @@ from torch import nn
 
 from . import task
 from .head import SPRMHead
-from .tiny import CHAT_TEMPLATE, MARKERS, SPECIALS
+from .tiny import CHAT_TEMPLATE, MARKERS, make_char_tokenizer
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 CHARS = list("0123456789+=? yn.\n")
@@ -38,20 +38,7 @@ EVAL_TEMPERATURE = 1.0  # the temperature the head was trained and evaluated at 
 
 def make_tokenizer():
     """tiny.make_char_tokenizer's layout with the task's characters (verdicts `y` / `n`, `?`)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIALS + MARKERS + CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )  # fmt: skip
-    tokenizer.add_tokens(MARKERS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return make_char_tokenizer(MARKERS, CHAT_TEMPLATE, chars=CHARS)
 
 
 def make_policy(vocab_size: int, seed: int = 0):

@@ -25,12 +25,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_char_tokenizer(markers=MARKERS, chat_template: str = CHAT_TEMPLATE):
-    """One token per character, plus the chat specials and the think / step markers as added tokens."""
+def make_char_tokenizer(markers=MARKERS, chat_template: str = CHAT_TEMPLATE, chars=CHARS):
+    """One token per character of `chars`, plus the chat specials and the think / step markers as added tokens."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + list(markers) + CHARS)}
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(markers) + list(chars))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
