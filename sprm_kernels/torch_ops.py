@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import LOG_PROB_EPS, gather_rows, segment_mean_and_best
+from .reference import LOG_PROB_EPS, gather_rows, group_argmax
 
 
 def _flatten_rows(input_ids, attention_mask, cu_seqlens):
@@ -80,6 +80,19 @@ def head_logits_fp32(rows, w1, b1, w2, b2) -> torch.Tensor:
 def clamped_log_sigmoid(logits: torch.Tensor) -> torch.Tensor:
     """max(log sigmoid(z), log 1e-10) in log space (stable for any |z|); NaN stays NaN."""
     return F.logsigmoid(logits).clamp_min_(LOG_PROB_EPS)  # NaN stays NaN (clamp propagates it)
+
+
+def segment_mean_and_best(log_probs: torch.Tensor, offsets: torch.Tensor, group_size: int | None):
+    """The reference's segment_mean_and_best, bit for bit, in half the ATen calls (they dominate at decode sizes):
+    one CSR segment sum (on CPU it adds each segment in order from 0, as the reference's index_add_ does, with no
+    repeat_interleave and its host synchronisation), no clamp of the divisor, and exp(-inf) = 0 for empty
+    candidates instead of a second where."""
+    num_steps = offsets[1:] - offsets[:-1]
+    sums = torch.segment_reduce(log_probs, "sum", offsets=offsets, unsafe=True)  # offsets checked by the caller
+    log_score = torch.where(num_steps > 0, sums / num_steps, float("-inf"))
+    score = torch.exp(log_score)
+    best = None if group_size is None else group_argmax(score, group_size)
+    return score, log_score, num_steps, best
 
 
 def sprm_score_torch(hidden, step_index, offsets, w1, b1, w2, b2, group_size, return_step_scores):
