@@ -2,8 +2,8 @@
 
     python -m bench.plot [CSV] [--out DIR]
 
-Only bench.kernels' rows are plotted. The CSV accumulates runs; for every (device, kernel, provider, dtype, S, H,
-metric) the latest row is plotted.
+Only bench.kernels' rows are plotted. The CSV accumulates runs; at every (device, kernel, dtype, S, H) the latest
+run's rows are plotted.
 One pair of figures per (device, kernel, dtype).
 """
 
@@ -27,17 +27,30 @@ Key = tuple[str, str, str, str, int, int, str]  # device, kernel, provider, dtyp
 
 
 def latest_rows(path: Path) -> dict[Key, dict]:
-    """The most recent row of every measurement in the CSV (ISO timestamps sort in time order)."""
-    latest: dict[Key, dict] = {}
+    """Every measurement of the latest run at each (device, kernel, dtype, S, H), so that the providers compared
+    at one shape always come from the same run (ISO timestamps sort in time order)."""
+    rows = []
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            if row["kernel"] not in KERNELS:  # the pipeline benchmark and machine rows share the CSV
-                continue
-            key = (row["device_name"], row["kernel"], row["provider"], row["dtype"], int(row["S"]), int(row["H"]))
-            key += (row["metric"],)
-            if key not in latest or row["timestamp"] >= latest[key]["timestamp"]:
-                latest[key] = row
-    return latest
+            if row["kernel"] in KERNELS:  # the pipeline benchmark and machine rows share the CSV
+                rows.append(row)
+    shape = lambda row: (row["device_name"], row["kernel"], row["dtype"], int(row["S"]), int(row["H"]))
+    latest_run = {}
+    for row in rows:
+        latest_run[shape(row)] = max(latest_run.get(shape(row), ""), row["timestamp"])
+    return {
+        (
+            row["device_name"],
+            row["kernel"],
+            row["provider"],
+            row["dtype"],
+            int(row["S"]),
+            int(row["H"]),
+            row["metric"],
+        ): row
+        for row in rows
+        if row["timestamp"] == latest_run[shape(row)]
+    }
 
 
 def slug(text: str) -> str:
