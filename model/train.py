@@ -456,6 +456,7 @@ def train_head(
     dropout: float | None = None,
     balance: bool = True,
     positive_factor: float = 1.5,
+    bce_warmup_steps: int = 0,
     output_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     backbone: str | None = None,
@@ -469,6 +470,10 @@ def train_head(
     training (None: the head's own p, 0.5 as in the reference). Metrics (`evaluate`) are taken on the held-out
     problems before training, every `eval_every` steps (None: 10 times in all) and at the end. Deterministic for a
     fixed seed (the split, the order and the dropout masks come from it) on one device and backend.
+    `bce_warmup_steps` (mode "spr"): plain BCE for the first steps. The SPR filter drops the steps of wrong
+    trajectories that the head judges positive and never pushes them back, so a head that starts (or drifts, with
+    dropout noise) to all-positive logits stays there (the kept shares in the report show it); the shipped model's
+    head needed half of its epochs of BCE first, then no dropout (`build_shipped.HEAD`).
     With `output_dir`, the final head is written there and every `checkpoint_every` steps into
     `checkpoint-<step>/`: `sprm_head.safetensors` + `score_module.pt` + `sprm_train.json` (the `backbone` it belongs
     to, the settings, the last metrics), and `train_report.json` at the end.
@@ -513,7 +518,8 @@ def train_head(
             shuffled = [train_problems[i] for i in order]
             epoch_batches = [shuffled[i : i + batch_problems] for i in range(0, len(shuffled), batch_problems)]
         batch = [rollout for problem in epoch_batches.pop(0) for rollout in by_problem[problem]]
-        stats = _train_step(weights, optimizer, rollouts, batch, mode, balance, positive_factor, dropout,
+        step_mode = "bce" if step < bce_warmup_steps else mode
+        stats = _train_step(weights, optimizer, rollouts, batch, step_mode, balance, positive_factor, dropout,
                             dropout_generator, backend)  # fmt: skip
         step += 1
         report.losses.append(stats.loss)
@@ -599,6 +605,9 @@ def _check_train_args(head, rollouts, args: dict) -> dict:
         raise ValueError(f"mode: expected one of {MODES}, got {args['mode']!r}")
     positive_ints = [("epochs", False), ("batch_problems", False), ("steps", True), ("eval_every", True),
                      ("checkpoint_every", True)]  # fmt: skip
+    warmup = args["bce_warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"bce_warmup_steps: expected an int >= 0, got {warmup!r}")
     for name, optional in positive_ints:
         value = args[name]
         if optional and value is None:
@@ -621,7 +630,7 @@ def _check_train_args(head, rollouts, args: dict) -> dict:
     if not rollouts.num_rollouts:
         raise ValueError("rollouts: expected at least one rollout, got none")
     names = ("mode", "steps", "epochs", "lr", "weight_decay", "batch_problems", "seed", "eval_split", "dropout",
-             "balance", "positive_factor")  # fmt: skip
+             "balance", "positive_factor", "bce_warmup_steps")  # fmt: skip
     return {name: args[name] for name in names}
 
 
@@ -749,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--eval-every", type=int)
     fit.add_argument("--checkpoint-every", type=int)
     fit.add_argument("--dropout", type=float)
+    fit.add_argument("--bce-warmup-steps", type=int, default=0, help="mode spr: plain BCE for the first N steps")
     fit.add_argument("--no-balance", action="store_true", help="turn off the reference's class balancing")
     fit.add_argument("--device")
     fit.add_argument("--backend", choices=("torch", "triton"))
@@ -788,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         head, rollouts, mode=args.mode, steps=args.steps, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, batch_problems=args.batch_problems, seed=args.seed,
         eval_split=args.eval_split, eval_every=args.eval_every, dropout=args.dropout, balance=not args.no_balance,
-        output_dir=args.out, checkpoint_every=args.checkpoint_every,
+        bce_warmup_steps=args.bce_warmup_steps, output_dir=args.out, checkpoint_every=args.checkpoint_every,
         backbone=args.backbone or rollouts.info.get("model"), backend=args.backend,
     )  # fmt: skip
     print(f"head -> {args.out} ({report.eval_on} problems: {len(report.eval_problems or report.train_problems)})")

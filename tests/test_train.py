@@ -305,6 +305,23 @@ def test_training_learns_the_within_problem_signal(synthetic, tmp_path, mode):
     assert evaluate(head, synthetic, report.eval_problems, backend="torch").within_gap == report.within_gap[-1]
 
 
+def test_bce_warmup_runs_plain_bce_first_then_spr(synthetic):
+    """Warm-up over every step is plain BCE bit for bit; a partial warm-up differs from both pure modes."""
+    heads = {name: fresh_head() for name in ("bce", "spr warm 30", "spr warm 10", "spr")}
+    train_head(heads["bce"], synthetic, mode="bce", seed=3, **dict(TRAIN, steps=30))
+    train_head(heads["spr warm 30"], synthetic, mode="spr", bce_warmup_steps=30, seed=3, **dict(TRAIN, steps=30))
+    report = train_head(heads["spr warm 10"], synthetic, mode="spr", bce_warmup_steps=10, seed=3,
+                        **dict(TRAIN, steps=30, eval_every=10))  # fmt: skip
+    train_head(heads["spr"], synthetic, mode="spr", seed=3, **dict(TRAIN, steps=30))
+    weight = {name: head[0].weight for name, head in heads.items()}
+    assert torch.equal(weight["bce"], weight["spr warm 30"])
+    assert not torch.equal(weight["spr warm 10"], weight["bce"]) and not torch.equal(
+        weight["spr warm 10"], weight["spr"]
+    )
+    assert report.kept_correct[1] == report.kept_wrong[1] == 1.0  # BCE keeps every step
+    assert report.kept_wrong[-1] < 1.0 and report.settings["bce_warmup_steps"] == 10
+
+
 def test_invalid_rollouts_do_not_teach(synthetic):
     """Flipping the labels of the invalid rollouts changes nothing: they are left out of the loss."""
     flipped = replace(synthetic, correct=torch.where(synthetic.valid, synthetic.correct, ~synthetic.correct))
@@ -429,6 +446,8 @@ def test_a_verifier_must_answer_true_false_or_none(reflective):
         (dict(eval_split=1.0), "eval_split"),
         (dict(eval_split=0.999), "eval_split"),  # would hold out every problem
         (dict(dropout=1.0), "dropout"),
+        (dict(bce_warmup_steps=-1), "bce_warmup_steps"),
+        (dict(bce_warmup_steps=2.0), "bce_warmup_steps"),
         (dict(seed=1.5), "seed"),
         (dict(checkpoint_every=0), "checkpoint_every"),
     ],
