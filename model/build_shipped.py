@@ -1,8 +1,9 @@
 """Regenerate the shipped reflective model from scratch: `python -m sprm_kernels.model.build_shipped [--out DIR]`.
 
 1. a character tokenizer (`<think>`, `</think>`, `.\\n\\n` single tokens; generation prompt ends with `<think>`);
-2. a ~0.8M-parameter Qwen2 policy, supervised on traces of `task.py` in which 12% of the sums are corrupted,
-   re-checked and marked `n` (so the policy learns both to slip now and then and to check each step it wrote);
+2. a ~0.8M-parameter Qwen2 policy, supervised on traces of `task.py`: 12% of the sums are wrong and in the loss
+   (the policy learns to slip now and then), 15% more sums and 10% of the operands are wrong only in the input (the
+   verdict learns what an error looks like); every wrong step is marked `n`;
 3. its own rollouts on training problems (k candidates per problem, temperature 1), scored by the verifier;
 4. two SPRM heads on the frozen policy's layer L-2 features at the step positions: the SPR loss (shipped as the
    head of the folder) and plain BCE (the ablation, in `bce_head/`).
@@ -29,9 +30,18 @@ from .tiny import CHAT_TEMPLATE, MARKERS, make_char_tokenizer
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 CHARS = list("0123456789+=? yn.\n")
 POLICY = dict(hidden_size=128, num_layers=4, intermediate_size=384, heads=4, kv_heads=2, max_positions=160)
-SFT = dict(steps=1500, batch=64, lr=3e-3, warmup=100, seed=0)
+SFT = dict(
+    steps=2000,
+    batch=64,
+    lr=3e-3,
+    warmup=100,
+    seed=0,
+    slip_rate=task.SLIP_RATE,
+    check_rate=task.CHECK_RATE,
+    operand_check_rate=task.OPERAND_CHECK_RATE,
+)
 ROLLOUTS = dict(problems=384, k=16, temperature=1.0, seed=1)
-HEAD = dict(epochs=40, bce_warmup_epochs=2, batch=128, lr=2e-3, dropout=0.5, seed=2)
+HEAD = dict(epochs=40, bce_warmup_epochs=20, batch=128, lr=2e-3, dropout=0.5, spr_dropout=0.0, seed=2)
 log_flushed = functools.partial(print, flush=True)
 EVAL_TEMPERATURE = 1.0  # the temperature the head was trained and evaluated at (stored in sprm_task.json)
 
@@ -54,14 +64,18 @@ def make_policy(vocab_size: int, seed: int = 0):
     return Qwen2ForCausalLM(config)
 
 
-def encode_example(tokenizer, problem: task.Problem, rng: random.Random) -> tuple[list[int], int]:
-    """(token ids of prompt + trace + answer + EOS, index where the supervised part starts)."""
+def encode_example(tokenizer, problem: task.Problem, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(token ids of prompt + trace + answer + EOS, labels: the ids where supervised, -100 elsewhere)."""
     from .tokens import chat_prompt_ids
 
-    prompt_ids = chat_prompt_ids(tokenizer, problem.prompt)
-    thinking, answer = task.trace(problem, rng, task.CORRUPT_RATE)
-    response = tokenizer(thinking + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response, len(prompt_ids)
+    ids = chat_prompt_ids(tokenizer, problem.prompt)
+    labels = [-100] * len(ids)
+    segments = task.trace_segments(problem, rng, SFT["slip_rate"], SFT["check_rate"], SFT["operand_check_rate"])
+    for text, supervised in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if supervised else [-100] * len(piece)
+    return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
 
 
 def train_policy(model, tokenizer, *, log=log_flushed) -> None:
@@ -75,14 +89,14 @@ def train_policy(model, tokenizer, *, log=log_flushed) -> None:
     for step in range(SFT["steps"]):
         batch = [
             encode_example(tokenizer, p, rng)
-            for p in task.problems("train", SFT["batch"], seed=10_000 + step, difficulty=rng.randint(2, 6))
-        ]  # mixed lengths (2-6 terms) so the policy is not tied to one step count
+            for p in task.problems("train", SFT["batch"], seed=10_000 + step, difficulty=rng.randint(2, 8))
+        ]  # mixed lengths (2-8 terms) so the policy is not tied to one step count
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)
-        for row, (ids, supervised_from) in enumerate(batch):
+        for row, (ids, row_labels) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, supervised_from : len(ids)] = torch.tensor(ids[supervised_from:])
+            labels[row, : len(ids)] = torch.tensor(row_labels)
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,8 +149,10 @@ def within_problem_balanced(correct_per_problem: list[list[bool]], seed: int) ->
 def train_head(features, offsets, correct, *, mode: str, trajectories=None, log=log_flushed) -> SPRMHead:
     """An SPRM head on frozen features with `spr_loss` (mode "spr" or "bce"), minibatches of trajectories.
 
-    "spr" starts with `bce_warmup_epochs` of plain BCE: from a random head the SPR filter collapsed here (all steps
-    judged positive, so every step of a wrong trajectory was filtered out and the loss reached 0 at once)."""
+    "spr" starts with `bce_warmup_epochs` of plain BCE, then runs without dropout (`spr_dropout`). The SPR filter
+    drops every step of a wrong trajectory that the head judges positive, and a step once dropped is never pushed
+    back: from a random head (or after 2 warm-up epochs, or with dropout noise lifting `n` steps above zero) it
+    collapsed here to all-positive scores, within-problem gap 0.0000 (bench/experiments/README.md)."""
     from sprm_kernels import spr_loss, sprm_step_logits
 
     torch.manual_seed(HEAD["seed"])
@@ -146,6 +162,8 @@ def train_head(features, offsets, correct, *, mode: str, trajectories=None, log=
     generator = torch.Generator().manual_seed(HEAD["seed"])
     trajectories = torch.arange(len(correct)) if trajectories is None else trajectories
     for epoch in range(HEAD["epochs"]):
+        warming_up = mode == "spr" and epoch < HEAD["bce_warmup_epochs"]
+        dropout = HEAD["spr_dropout"] if mode == "spr" and not warming_up else HEAD["dropout"]
         order = trajectories[torch.randperm(len(trajectories), generator=generator)]
         total = 0.0
         for lo in range(0, len(order), HEAD["batch"]):
@@ -155,9 +173,8 @@ def train_head(features, offsets, correct, *, mode: str, trajectories=None, log=
             batch_offsets = torch.cat([torch.zeros(1, dtype=torch.long), (ends - starts).cumsum(0)])
             logits = sprm_step_logits(
                 features, index, head[0].weight, head[0].bias, head[3].weight, head[3].bias,
-                dropout=HEAD["dropout"], generator=generator, backend="torch",
+                dropout=dropout, generator=generator, backend="torch",
             )  # fmt: skip
-            warming_up = mode == "spr" and epoch < HEAD["bce_warmup_epochs"]
             loss = spr_loss(logits, batch_offsets, correct[chosen], mode="bce" if warming_up else mode)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 
+from .evaluate import add_eval_arguments
 from .head import PT_NAME, SAFETENSORS_NAME
 from .reflective import MODES
 
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--max-batch-tokens", type=positive_int, default=16384)
 
     evaluate = commands.add_parser("eval", help="best-of-k accuracy on held-out problems (the shipped task)")
-    evaluate.add_argument("rest", nargs=argparse.REMAINDER, help="[--model DIR] [--n N] [--json] [--plot FILE.png]")
+    add_eval_arguments(evaluate)
     commands.add_parser("bench", help="the quick benchmarks (python -m bench; needs a source checkout)")
     return parser
 
@@ -275,9 +276,9 @@ def model_sampling(path: str, name: str, default: float) -> float:
 
 
 def run_eval(args) -> int:
-    from .evaluate import evaluate_main
+    from .evaluate import run_eval as evaluate_from_args
 
-    return evaluate_main(args.rest)
+    return evaluate_from_args(args)
 
 
 def run_bench(args) -> int:

@@ -179,6 +179,13 @@ def evaluate(
                     "ci95": _ci95(per_problem[name][k] - per_problem["random"][k])}
                 for k in ks
             }  # fmt: skip
+    spr_minus_bce = None  # SPR head minus BCE head, paired per problem
+    if "sprm_bce" in per_problem:
+        spr_minus_bce = {
+            k: {"diff": float((per_problem["sprm"][k] - per_problem["sprm_bce"][k]).mean()),
+                "ci95": _ci95(per_problem["sprm"][k] - per_problem["sprm_bce"][k])}
+            for k in ks
+        }  # fmt: skip
     chosen = [task.parse_answer(a) for a in samples["chosen_answer"]]
     best_answers = [samples["answers"][i][b] for i, b in enumerate(samples["best"])]
     gaps = {"sprm": within_problem_gap(samples, samples["scores"])}
@@ -197,6 +204,7 @@ def evaluate(
         "accuracy": accuracy,
         "ci95": ci,
         "sprm_minus_random": paired,
+        "spr_minus_bce": spr_minus_bce,
         "within_problem_gap": gaps,
         "overall_gap": overall,
         "finished_rate": float(np.mean([f for per in samples["finished"] for f in per])),
@@ -250,9 +258,8 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def evaluate_main(argv=None) -> int:
-    """`sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]`."""
-    parser = argparse.ArgumentParser(prog="sprm eval", description="best-of-k accuracy on held-out problems")
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `sprm eval` (also `python -m sprm_kernels.model.evaluate`)."""
     parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
     parser.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
     parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
@@ -260,7 +267,9 @@ def evaluate_main(argv=None) -> int:
     parser.add_argument("--bce-head", default=None, help="folder of a BCE head (default: MODEL/bce_head)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", default=None, help="write accuracy against log2 k to this PNG")
-    args = parser.parse_args(argv)
+
+
+def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(
         args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], seed=args.seed,
         bce_head_dir=args.bce_head, progress=not args.json,
@@ -269,6 +278,13 @@ def evaluate_main(argv=None) -> int:
         plot(result, args.plot)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
+
+
+def evaluate_main(argv=None) -> int:
+    """`sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]`."""
+    parser = argparse.ArgumentParser(prog="sprm eval", description="best-of-k accuracy on held-out problems")
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The shipped reflective model: its task and verifier, its tokenizer, its folder, and `evaluate` (fast, CPU)."""
 
+import json
 import os
 import random
 
@@ -32,16 +33,17 @@ def test_difficulty_is_the_number_of_terms(difficulty):
 def test_verifier_accepts_correct_traces_and_rejects_corrupted_ones():
     rng = random.Random(0)
     for seed in range(200):
-        problem = task.problems("validation", 1, seed=seed, difficulty=2 + seed % 5)[0]
+        problem = task.problems("validation", 1, seed=seed, difficulty=2 + seed % 7)[0]
         thinking, answer = task.trace(problem)
         assert task.is_correct(problem, answer) and task.is_correct(problem, int(answer))
         assert task.answer_from_thinking(thinking) == problem.answer
         steps = task.parse_steps(thinking)
-        assert len(steps) == len(problem.terms) - 1 and all(v == "y" and a + b == c == r for a, b, c, r, v in steps)
+        assert len(steps) == len(problem.terms) - 1 and all(v == "y" and a + b == c for a, b, c, v in steps)
+        assert all(chunk[: task.WIDTH].isdigit() for chunk in thinking.split(task.STEP)[:-1])  # padded sums
         # Corrupted traces: a step says `n` exactly when it is wrong; a single wrong step makes the answer wrong.
         thinking, answer = task.trace(problem, rng, corrupt_rate=0.5)
         steps = task.parse_steps(thinking)
-        assert all((v == "n") == (a + b != c) and a + b == r for a, b, c, r, v in steps)
+        assert all((v == "n") == (a + b != c) for a, b, c, v in steps)
         if sum(v == "n" for *_, v in steps) < 2:  # two wrong steps can cancel out; one cannot
             assert task.is_correct(problem, answer) == all(v == "y" for *_, v in steps)
         assert task.answer_from_thinking(thinking) == int(answer)
@@ -49,16 +51,50 @@ def test_verifier_accepts_correct_traces_and_rejects_corrupted_ones():
             assert not task.is_correct(problem, wrong)
 
 
-def test_corrupt_changes_one_digit_and_keeps_the_length():
+def test_trace_segments_supervise_slips_but_not_checks():
+    rng = random.Random(2)
+    drawn = {"slip": 0, "sum check": 0, "operand check": 0}
+    for problem in task.problems("train", 300, seed=4, difficulty=6):
+        segments = task.trace_segments(problem, rng, slip_rate=0.2, check_rate=0.3, operand_check_rate=0.2)
+        assert segments[-2] == ("</think>", True) and segments[-1][1]
+        thinking = "".join(text for text, _ in segments[:-1])
+        steps = task.parse_steps(thinking)
+        assert len(steps) == 5 and task.answer_from_thinking(thinking) == int(segments[-1][0])
+        chunks = thinking.split(task.STEP)[:-1]
+        supervised = "".join(("1" if ok else "0") * len(text) for text, ok in segments[:-2])  # per character
+        position, previous = 0, problem.terms[0]
+        for (a, b, c, verdict), term, chunk in zip(steps, problem.terms[1:], chunks, strict=True):
+            flags = supervised[position : position + len(chunk)]  # a, "+", b, "=", c, " ", verdict
+            position += len(chunk) + len(task.STEP)
+            right_operands = (a, b) == (previous, term)
+            assert (verdict == "y") == (right_operands and a + b == c)
+            wa, wc = len(task.padded(a)), len(task.padded(c))  # a wrong sum may reach 3 digits
+            a_flags, b_flags, c_flags = flags[:wa], flags[wa + 1], flags[wa + 3 : wa + 3 + wc]
+            assert flags[wa] + flags[wa + 2] + flags[wa + 3 + wc :] == "1111"  # "+", "=", " ", verdict
+            assert set(a_flags) == {"1" if a == previous else "0"} and b_flags == ("1" if b == term else "0")
+            if not right_operands:  # an operand check: one operand wrong, out of the loss; its sum is right
+                assert (a == previous) != (b == term) and a + b == c and set(c_flags) == {"1"}
+                drawn["operand check"] += 1
+            elif a + b != c:
+                drawn["slip" if set(c_flags) == {"1"} else "sum check"] += 1
+            else:
+                assert set(c_flags) == {"1"}
+            previous = c
+    total = 300 * 5  # the drawn rates, within 4 standard deviations
+    for name, rate in (("slip", 0.2), ("sum check", 0.3), ("operand check", 0.2)):
+        assert abs(drawn[name] / total - rate) < 4 * (rate * (1 - rate) / total) ** 0.5, name
+
+
+def test_corrupt_changes_one_digit_and_keeps_the_width():
     rng = random.Random(1)
-    for value in list(range(1, 300)) + [10**5 - 1]:
+    for value in range(0, 100):
         wrong = task.corrupt(value, rng)
-        assert wrong != value and len(str(wrong)) == len(str(value))
-        assert sum(a != b for a, b in zip(str(wrong), str(value), strict=True)) == 1
+        assert wrong != value and 0 <= wrong < 10**task.WIDTH
+        assert sum(a != b for a, b in zip(task.padded(wrong), task.padded(value), strict=True)) == 1
 
 
 def test_broken_formats_parse_to_none():
-    for text in ("", "12+3=15 15 y", "12+3=15.\n\n", "12+3=15 15 q.\n\n", "12+3=15 y.\n\n", "a+b=c c y.\n\n"):
+    for text in ("", "12+3=15 y", "12+3=15.\n\n", "12+3=15 q.\n\n", "12+3=15 15 y.\n\n", "a+b=c y.\n\n"):
         assert task.parse_steps(text) is None and task.answer_from_thinking(text) is None
 
 
@@ -98,6 +134,27 @@ def test_shipped_folder_loads_scores_and_generates():
 
 
 @needs_shipped
+def test_shipped_heads_rank_a_right_trace_above_the_same_trace_with_one_wrong_step():
+    """Within a problem, where selection happens: both heads score the policy's verdicts, so a trace with one wrong
+    step (a wrong sum or a wrongly copied term, marked `n` as the policy writes it) must lose to the right one."""
+    from sprm_kernels.model import ReflectiveModel, SPRMHead
+
+    rm = ReflectiveModel.from_pretrained(SHIPPED, device="cpu", backend="torch")
+    bce = ReflectiveModel(rm.model, rm.tokenizer, SPRMHead.from_pretrained(os.path.join(SHIPPED, "bce_head")))
+    rng = random.Random(0)
+    for problem in task.problems("test", 8, seed=11):
+        first_step = lambda segments: "".join(text for text, _ in segments).split(task.STEP, 1)[0]
+        right = first_step(task.trace_segments(problem))
+        wrong_sum = first_step(task.trace_segments(problem, rng, check_rate=1.0))
+        wrong_operand = first_step(task.trace_segments(problem, rng, operand_check_rate=1.0))
+        assert right.endswith(" y") and wrong_sum.endswith(" n") and wrong_operand.endswith(" n")
+        texts = [f"<think>{step}{task.STEP}</think>" for step in (right, wrong_sum, wrong_operand)]
+        for model in (rm, bce):
+            scores = [r.value for r in model.score(texts)]
+            assert scores[0] > max(scores[1:]) + 0.2, (problem, texts, scores)
+
+
+@needs_shipped
 def test_evaluate_returns_a_well_formed_result():
     result = evaluate(SHIPPED, n=4, ks=(1, 2, 4), seed=0, progress=False)
     assert result["n"] == 4 and result["ks"] == [1, 2, 4]
@@ -108,4 +165,18 @@ def test_evaluate_returns_a_well_formed_result():
     assert accuracy["oracle"][1] == pytest.approx(accuracy["pass@1"][1])
     assert all(accuracy["oracle"][k] >= accuracy["pass@1"][k] - 1e-12 for k in (1, 2, 4))
     assert "| SPRM best-of-k (SPR) |" in format_table(result)
+    for k in (1, 2, 4):  # the paired difference is the difference of the two accuracies
+        diff = result["spr_minus_bce"][k]["diff"]
+        assert diff == pytest.approx(accuracy["sprm"][k] - accuracy["sprm_bce"][k])
     assert evaluate(SHIPPED, n=4, ks=(1, 2, 4), seed=0, progress=False)["accuracy"] == accuracy
+
+
+@needs_shipped
+def test_sprm_eval_command_parses_its_options_and_prints_json(capsys, tmp_path):
+    from sprm_kernels.model.cli import main
+
+    plot_path = tmp_path / "eval.png"
+    assert main(["eval", "--n", "2", "--ks", "1,2", "--seed", "3", "--json", "--plot", str(plot_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 2 and result["ks"] == [1, 2] and result["seed"] == 3 and plot_path.stat().st_size > 0
+    assert main(["eval", "--n", "x"]) == 2 and "--n" in capsys.readouterr().err
