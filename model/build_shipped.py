@@ -40,7 +40,7 @@ SFT = dict(
     check_rate=task.CHECK_RATE,
     operand_check_rate=task.OPERAND_CHECK_RATE,
 )
-ROLLOUTS = dict(problems=384, k=16, temperature=1.0, seed=1)
+ROLLOUTS = dict(problems=1024, k=16, temperature=1.0, seed=1)
 HEAD = dict(epochs=40, bce_warmup_epochs=20, batch=128, lr=2e-3, dropout=0.5, spr_dropout=0.0, seed=2)
 log_flushed = functools.partial(print, flush=True)
 EVAL_TEMPERATURE = 1.0  # the temperature the head was trained and evaluated at (stored in sprm_task.json)

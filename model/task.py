@@ -1,14 +1,14 @@
 """The shipped model's task: additions of one-digit terms as running sums, each step judged by a verdict character.
 
 A problem is `4+8+1+6+9+3=?`. The thinking adds one term per step and writes every running sum with two digits
-(zero-padded), then a verdict, `y` (the sum is right) or `n` (it is wrong), then the step token:
+(zero-padded), then a verdict, `y` (the step is right) or `n` (it is wrong), then the step token:
 
     <think>04+8=12 y.\\n\\n12+1=13 y.\\n\\n13+6=19 y.\\n\\n19+9=28 y.\\n\\n28+3=31 y.\\n\\n</think>31
 
 The SPRM reads the position before `.\\n\\n`, the verdict, so the policy must have checked the step there. Two
-choices make that check learnable by a 0.8M-parameter model (SPEC 10: with 1-2-digit terms, variable-width sums and
-a re-check the tiny policy mostly copied, its verdicts missed 40% of wrong sums and every head trained on its
-features chose worse than random at k=32):
+choices make that check learnable by a 0.8M-parameter model (an earlier design with 1-2-digit terms, variable-width
+sums and a re-check that the tiny policy mostly copied missed 40% of the wrong sums, and every head trained on its
+features chose worse than random at k=32; bench/experiments/README.md):
 - fixed-width sums of a one-digit term: the digits that decide the verdict sit at fixed offsets before it;
 - supervised traces with wrong steps of two kinds: *slips* (`slip_rate`: a sum with one digit changed, in the
   loss, so the policy learns to write a wrong sum now and then, which is where its mistakes come from) and
