@@ -133,6 +133,11 @@ def test_shipped_folder_loads_scores_and_generates():
     assert SPRMHead.from_pretrained(os.path.join(SHIPPED, "bce_head")).hidden_size == rm.head.hidden_size
 
 
+def first_step(segments) -> str:
+    """The first step (without its step token) of a trace given as `task.trace_segments` pieces."""
+    return "".join(text for text, _ in segments).split(task.STEP, 1)[0]
+
+
 @needs_shipped
 def test_shipped_heads_rank_a_right_trace_above_the_same_trace_with_one_wrong_step():
     """Within a problem, where selection happens: both heads score the policy's verdicts, so a trace with one wrong
@@ -143,7 +148,6 @@ def test_shipped_heads_rank_a_right_trace_above_the_same_trace_with_one_wrong_st
     bce = ReflectiveModel(rm.model, rm.tokenizer, SPRMHead.from_pretrained(os.path.join(SHIPPED, "bce_head")))
     rng = random.Random(0)
     for problem in task.problems("test", 8, seed=11):
-        first_step = lambda segments: "".join(text for text, _ in segments).split(task.STEP, 1)[0]
         right = first_step(task.trace_segments(problem))
         wrong_sum = first_step(task.trace_segments(problem, rng, check_rate=1.0))
         wrong_operand = first_step(task.trace_segments(problem, rng, operand_check_rate=1.0))
