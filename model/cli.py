@@ -21,9 +21,10 @@ import math
 import os
 import sys
 
+from .engine import ENGINES, load_engine
 from .evaluate import add_eval_arguments
 from .head import PT_NAME, SAFETENSORS_NAME
-from .reflective import MODES
+from .selection import MODES
 
 PROG = "sprm"
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
@@ -96,9 +97,7 @@ def context_limit(model, max_text_tokens: int | None = None) -> int | None:
         if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
             raise ValueError(f"max_text_tokens: expected a positive int, got {max_text_tokens!r}")
         return max_text_tokens
-    config = model.model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "max_position_embeddings", None)
+    return model.info().context_length
 
 
 # -- the command line -------------------------------------------------------------------------------------------
@@ -113,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--model", default=SHIPPED_DIR, metavar="DIR", help="official-layout folder (default: the shipped one)"
         )
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+        command.add_argument(
+            "--engine", choices=sorted(ENGINES), default="hf", help="hf (transformers) or vllm (default hf)"
+        )
 
     serve = commands.add_parser("serve", help="HTTP server: /score, /score_batch, /generate, /health")
     add_model_options(serve)
@@ -197,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
 
 
-def load_model(path: str, device: str | None):
-    """`ReflectiveModel.from_pretrained`, with a one-line UsageError for a missing or malformed folder."""
+def load_model(path: str, device: str | None, engine: str = "hf"):
+    """`load_engine` (an `Engine`: ReflectiveModel for "hf"), with a one-line UsageError for a missing or
+    malformed folder."""
     if not os.path.isdir(path):
         raise UsageError(f"--model {path}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -207,11 +210,9 @@ def load_model(path: str, device: str | None):
         raise UsageError(f"--model {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
     from transformers.utils import logging as transformers_logging
 
-    from .reflective import ReflectiveModel
-
     transformers_logging.disable_progress_bar()  # no "Loading weights" bars on a command's stderr
     try:
-        return ReflectiveModel.from_pretrained(path, device=device)
+        return load_engine(path, engine=engine, device=device)
     except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {path}: cannot load the model: {message}") from None
@@ -222,7 +223,7 @@ def run_serve(args) -> int:
         from .server import serve
     except ImportError as error:
         raise UsageError(f"serve needs the serve extra (pip install 'sprm-kernels[serve]'): {error}") from None
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.engine)
     serve(
         model, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
         max_text_tokens=args.max_text_tokens, token=args.token, log_level=args.log_level, access_log=args.access_log,
@@ -233,7 +234,7 @@ def run_serve(args) -> int:
 def run_generate(args) -> int:
     if not args.question.strip():
         raise UsageError("the question is empty")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.engine)
     max_think, max_answer = default_budgets(model, args.question, args.max_think_tokens, args.max_answer_tokens)
     check_generation_fits(model, args.question, max_think, max_answer)
     temperature = args.temperature if args.temperature is not None else model_sampling(args.model, "temperature", 0.6)
@@ -254,13 +255,11 @@ def run_generate(args) -> int:
 
 def default_budgets(model, prompt, max_think_tokens: int | None, max_answer_tokens: int | None) -> tuple[int, int]:
     """Budgets not given default to 4096 thinking / 1024 answer tokens, shrunk to fit a small model's context."""
-    from .tokens import chat_prompt_ids
-
     limit = context_limit(model)
     if max_answer_tokens is None:
         max_answer_tokens = 1024 if limit is None else min(1024, max(1, limit // 8))
     if max_think_tokens is None:
-        room = None if limit is None else limit - len(chat_prompt_ids(model.tokenizer, prompt)) - max_answer_tokens
+        room = None if limit is None else limit - len(model.prompt_ids(prompt)) - max_answer_tokens
         max_think_tokens = 4096 if room is None else max(1, min(4096, room))
     return max_think_tokens, max_answer_tokens
 
@@ -291,10 +290,8 @@ def run_bench(args) -> int:
 
 def check_generation_fits(model, prompt, max_think_tokens: int, max_answer_tokens: int) -> None:
     """Refuse budgets that would run past the model's context (positions it was never trained on)."""
-    from .tokens import chat_prompt_ids
-
     limit = context_limit(model)
-    prompt_tokens = len(chat_prompt_ids(model.tokenizer, prompt))
+    prompt_tokens = len(model.prompt_ids(prompt))
     total = prompt_tokens + max_think_tokens + max_answer_tokens
     if limit is not None and total > limit:
         raise UsageError(
@@ -332,11 +329,11 @@ def summary(text: str, width: int = 60) -> str:
 
 def run_score(args) -> int:
     requests = read_score_requests(args.file)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.engine)
     limit = context_limit(model)
     sequences = []
     for line_number, text, _ in requests:
-        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = model.encode([text])[0]
         if limit is not None and len(ids) > limit:
             raise UsageError(f"{args.file}:{line_number}: {len(ids)} tokens, over the model's limit of {limit}")
         sequences.append(ids)

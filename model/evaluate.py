@@ -142,11 +142,12 @@ def evaluate(
     split: str = "test",
     temperature: float | None = None,
     difficulty: int | None = None,
+    engine: str = "hf",
 ) -> dict:
     """Accuracy of every method for every k on n held-out problems (see the module docstring). model_dir: default
     the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed."""
+    from .engine import load_engine
     from .head import SPRMHead
-    from .reflective import ReflectiveModel
 
     start = time.time()
     model_dir = model_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
@@ -158,7 +159,7 @@ def evaluate(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     ks = tuple(sorted(set(int(k) for k in ks)))
     k_max = ks[-1]
-    rm = ReflectiveModel.from_pretrained(model_dir, device="cpu", backend="torch")
+    rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
     problems = task.problems(split, n, seed=seed, difficulty=difficulty)
     samples = sample_candidates(
         rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
@@ -166,7 +167,7 @@ def evaluate(
     bce_head_dir = bce_head_dir or os.path.join(model_dir, "bce_head")
     bce_scores = None
     if os.path.isdir(bce_head_dir):
-        bce = ReflectiveModel(rm.model, rm.tokenizer, SPRMHead.from_pretrained(bce_head_dir), backend="torch")
+        bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
         bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
     per_problem = selection_metrics(samples, problems, ks, bce_scores=bce_scores, seed=seed)
     accuracy = {m: {k: float(v.mean()) for k, v in by_k.items()} for m, by_k in per_problem.items()}
@@ -261,6 +262,7 @@ def plot(result: dict, path: str) -> None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `sprm eval` (also `python -m sprm_kernels.model.evaluate`)."""
     parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf (transformers) or vllm")
     parser.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
     parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
     parser.add_argument("--seed", type=int, default=0)
@@ -272,7 +274,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(
         args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], seed=args.seed,
-        bce_head_dir=args.bce_head, progress=not args.json,
+        bce_head_dir=args.bce_head, progress=not args.json, engine=args.engine,
     )  # fmt: skip
     if args.plot:
         plot(result, args.plot)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
+import os
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -21,64 +21,19 @@ import torch
 from torch import nn
 
 from sprm_kernels import StepScorer, resolve_backend, sprm_score, step_positions
-from sprm_kernels.reference import PROB_EPS
 
 from .cache import keep_row, new_cache, take_rows
+from .engine import EngineInfo
 from .head import SPRMHead
+from .params import GenerationParams
 from .sampling import sample_tokens
+from .selection import MODES, choose_best, geometric_mean
 from .tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
+from .types import Candidate, GenerationResult, GenerationStats, ScoreResult
 
-MODES = {"low": 2, "medium": 8, "high": 32}  # the paper's reasoning-effort modes: k candidates
+__all__ = ["MODES", "Candidate", "GenerationResult", "GenerationStats", "ReflectiveModel", "ScoreResult", "choose_best"]
+
 MAX_PADDING = 0.1  # share of a padded scoring batch's tokens that may be padding (see _length_batches)
-
-
-@dataclass
-class ScoreResult:
-    """One text's score, with the fields of the reference scoring server's response."""
-
-    value: float  # geometric mean of the step probabilities; 0.0 when no position is scored
-    all_scores: list[float] | None  # per-step probabilities (None unless return_all_scores)
-    token_ids: list[int]  # the scored sequence
-    score_positions: list[int]  # positions t whose hidden state was scored (x[t+1] is the step token)
-
-
-@dataclass
-class Candidate:
-    token_ids: list[int]  # the thinking as generated, `</think>` included when the row closed it
-    text: str  # decoded with special tokens kept, so the markers stay visible
-    score: float  # SPRM score of prompt + token_ids, as `score()` gives it
-    step_scores: list[float]  # probability of each scored step
-    score_positions: list[int]  # scored positions in prompt + token_ids
-    finished: bool  # True when the row wrote `</think>` within max_think_tokens
-    # generate(return_features=True): [len(score_positions), H] layer L-2 rows the step scores came from (model
-    # dtype and device), row i at score_positions[i]; None otherwise. Not compared (tensors) nor printed.
-    step_features: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    # generate(answer_all=True): this candidate's answer, decoded from its own KV cache; None otherwise.
-    answer_token_ids: list[int] | None = None
-    answer: str | None = None
-
-
-@dataclass
-class GenerationStats:
-    prefill_tokens: int  # prompt tokens through the model (once, for all k rows)
-    think_decode_tokens: int  # rows through the model in thinking decode forwards (live rows only)
-    think_generated_tokens: int  # thinking tokens the k rows actually wrote
-    answer_decode_tokens: int  # tokens through the model in the answer phase
-    seconds: dict[str, float] = field(default_factory=dict)  # prefill, think, select, answer
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prefill_tokens + self.think_decode_tokens + self.answer_decode_tokens
-
-
-@dataclass
-class GenerationResult:
-    candidates: list[Candidate]
-    best: int  # index of the chosen candidate
-    answer: str  # decoded without special tokens
-    answer_token_ids: list[int]  # after the chosen thinking, EOS included when generated
-    prompt_token_ids: list[int]
-    stats: GenerationStats
 
 
 class _FeaturesReady(Exception):
@@ -153,6 +108,40 @@ class ReflectiveModel:
             model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, SPRMHead.from_pretrained(path), lang=lang, backend=backend)
+
+    # -- the engine interface (engine.py) ---------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        path = getattr(config, "_name_or_path", "") or ""
+        return EngineInfo(
+            engine="hf",
+            model_name=os.path.basename(path.rstrip("/")) or type(self.model).__name__,
+            path=path or None,
+            hidden_size=config.hidden_size,
+            num_layers=len(self.layers),
+            context_length=getattr(config, "max_position_embeddings", None),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            backend=self.backend or "auto",
+            supports_prompt_lists=False,
+            supports_features=True,
+        )
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, no special tokens added: what `score` scores for a text."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def prompt_ids(self, prompt_or_messages) -> list[int]:
+        """The chat template applied to a prompt or messages, tokenized: what `generate` prefills."""
+        return chat_prompt_ids(self.tokenizer, prompt_or_messages)
+
+    def with_head(self, head: SPRMHead) -> ReflectiveModel:
+        """Another head on the same backbone and tokenizer (nothing is copied), e.g. to compare two heads."""
+        return ReflectiveModel(self.model, self.tokenizer, head, lang=self.lang, backend=self.backend)
 
     # -- features ---------------------------------------------------------------------------------------------
 
@@ -331,20 +320,12 @@ class ReflectiveModel:
         candidate's answer, each from its own KV cache (no re-prefill), after the chosen one's, which stays what it
         is without the option; meanwhile it holds a copy of the KV of the other rows still in the batch.
         """
-        k = _resolve_k(mode, k)
-        _check_int("max_think_tokens", max_think_tokens, minimum=1)
-        _check_int("max_answer_tokens", max_answer_tokens, minimum=0)
-        answer_temperature = temperature if answer_temperature is None else answer_temperature
-        for name, value in (("temperature", temperature), ("answer_temperature", answer_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name}: expected a float >= 0 (0 is greedy), got {value!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed: expected an int or None, got {seed!r}")
-        for name, value in (("return_features", return_features), ("answer_all", answer_all)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}: expected a bool, got {value!r}")
+        params = GenerationParams(
+            mode=mode, k=k, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens,
+            temperature=temperature, top_p=top_p, answer_temperature=answer_temperature, seed=seed,
+            return_features=return_features, answer_all=answer_all,
+        )  # fmt: skip
+        k, answer_temperature = params.num_candidates, params.answer_sampling_temperature
         backend = self.backend if backend is None else backend
         resolve_backend(self.device, backend)
         prompt_ids = chat_prompt_ids(self.tokenizer, prompt_or_messages)
@@ -641,32 +622,6 @@ class _ThinkSpan:
             seen = live & (token == marker)
             self.first[marker] = torch.where(seen & (self.counts[marker] == 0), position, self.first[marker])
             self.counts[marker] += seen
-
-
-def choose_best(scores: Sequence[float], finished: Sequence[bool]) -> int:
-    """Finished rows first, then the highest score; NaN ranks below every score; ties go to the lowest index."""
-    return max(range(len(scores)), key=lambda j: (bool(finished[j]), -1.0 if math.isnan(scores[j]) else scores[j]))
-
-
-def geometric_mean(probs: Sequence[float]) -> float:
-    """exp(mean log max(p, 1e-10)) in fp32 (SPEC 4); 0 without steps; NaN stays NaN."""
-    if not probs:
-        return 0.0
-    return torch.tensor(probs, dtype=torch.float32).clamp(min=PROB_EPS).log().mean().exp().item()
-
-
-def _resolve_k(mode, k) -> int:
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
-    if k is None:
-        return MODES[mode]
-    _check_int("k", k, minimum=1)
-    return k
-
-
-def _check_int(name, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
 def _is_id_list(value) -> bool:

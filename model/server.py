@@ -46,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The JSON forms of results live in cli.py so that `sprm score` / `sprm generate` run without the serve extra.
 from .cli import context_limit, generation_json, score_json
-from .reflective import ReflectiveModel, ScoreResult
-from .tokens import chat_prompt_ids
+from .engine import Engine
+from .types import ScoreResult
 
 logger = logging.getLogger("sprm.server")
 
@@ -136,7 +136,7 @@ class _QueuedText:
 class ModelWorker:
     """Runs every model call in one thread, and batches queued score requests (see the module docstring)."""
 
-    def __init__(self, model: ReflectiveModel, *, max_batch_tokens: int, max_queue: int):
+    def __init__(self, model: Engine, *, max_batch_tokens: int, max_queue: int):
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
@@ -294,7 +294,7 @@ class _BearerAuth:
 
 
 def create_app(
-    model: ReflectiveModel,
+    model: Engine,
     *,
     max_batch_tokens: int = 16384,
     max_queue: int = 1024,
@@ -344,7 +344,7 @@ def create_app(
 
     def tokenize(texts: list[str], what: Callable[[int], str]) -> list[list[int]]:
         """Token ids as `ReflectiveModel.score` makes them (no special tokens added), checked against the limit."""
-        encoded = model.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        encoded = model.encode(texts)
         sequences = [list(ids) for ids in encoded]
         for index, ids in enumerate(sequences):
             if not ids:
@@ -371,7 +371,7 @@ def create_app(
     async def generate(request: GenerateRequest) -> dict:
         prompt = request.prompt if request.prompt is not None else [m.model_dump() for m in request.messages]
         try:
-            prompt_tokens = len(chat_prompt_ids(model.tokenizer, prompt))
+            prompt_tokens = len(model.prompt_ids(prompt))
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
         total = prompt_tokens + request.max_think_tokens + request.max_answer_tokens
@@ -396,14 +396,15 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        path = getattr(model.model.config, "_name_or_path", "") or ""
+        info = model.info()
         return {
             "status": "ok",
-            "model": path.rstrip("/").rsplit("/", 1)[-1] or type(model.model).__name__,
-            "path": path,
-            "device": str(model.device),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "backend": model.backend or "auto",
+            "engine": info.engine,
+            "model": info.model_name,
+            "path": info.path or "",
+            "device": info.device,
+            "dtype": info.dtype,
+            "backend": info.backend,
             "max_batch_tokens": max_batch_tokens,
             "max_queue": max_queue,
             "max_text_tokens": limit,
@@ -415,7 +416,7 @@ def create_app(
 
 
 def serve(
-    model: ReflectiveModel,
+    model: Engine,
     *,
     host: str = "127.0.0.1",
     port: int = 8001,

@@ -34,8 +34,9 @@ import torch
 from sprm_kernels import spr_loss, sprm_score, sprm_step_logits
 from sprm_kernels.loss import MODES
 
+from .engine import Engine, load_engine
 from .head import SPRMHead
-from .reflective import ReflectiveModel, choose_best
+from .selection import choose_best
 
 ROLLOUTS_TENSORS = "rollouts.safetensors"
 ROLLOUTS_JSON = "rollouts.json"
@@ -172,7 +173,7 @@ def _check_rollouts(rollouts: RolloutSet) -> None:
 
 
 def collect(
-    model: ReflectiveModel,
+    model: Engine,
     prompts: Sequence,
     verifier: Verifier,
     k: int,
@@ -195,8 +196,8 @@ def collect(
     closes its thinking is invalid and not shown to the verifier. Prompt i is sampled with seed `seed + i`, so a
     prompt's rollouts do not depend on the others.
     """
-    if not isinstance(model, ReflectiveModel):
-        raise ValueError(f"model: expected a ReflectiveModel, got {type(model).__name__}")
+    if not isinstance(model, Engine):
+        raise ValueError(f"model: expected an Engine (e.g. a ReflectiveModel), got {type(model).__name__}")
     if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts: expected a non-empty list of prompts, got {prompts!r:.80}")
     if not callable(verifier):
@@ -212,11 +213,12 @@ def collect(
         k=k, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens if decode_answers else 0,
         temperature=temperature, top_p=top_p, answer_temperature=answer_temperature,
     )  # fmt: skip
+    backend_option = {} if backend is None else {"backend": backend}  # an engine-specific option
     parts = dict(features=[], positions=[], counts=[], correct=[], finished=[], valid=[], problem=[], tokens=[])
     prompt_token_ids, texts, answers = [], [], []
     for index, prompt in enumerate(_progress(prompts, "collect", progress)):
         result = model.generate(
-            prompt, **settings, seed=seed + index, backend=backend, return_features=True, answer_all=decode_answers
+            prompt, **settings, **backend_option, seed=seed + index, return_features=True, answer_all=decode_answers
         )
         prompt_token_ids.append(result.prompt_token_ids)
         for candidate in result.candidates:
@@ -234,7 +236,7 @@ def collect(
             parts["tokens"].append(candidate.token_ids)
             texts.append(candidate.text)
             answers.append(answer)
-    info = dict(settings, seed=seed, label_from=label_from, model=getattr(model.model.config, "_name_or_path", None))
+    info = dict(settings, seed=seed, label_from=label_from, model=model.info().path)
     return RolloutSet(
         features=torch.cat(parts["features"]),
         offsets=_csr(parts["counts"]),
@@ -728,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gather = commands.add_parser("collect", help="sample k rollouts per prompt, label them, save a RolloutSet")
     gather.add_argument("--model", required=True, help="official-layout folder (HF model + tokenizer + head)")
+    gather.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf (transformers) or vllm")
     gather.add_argument("--prompts", required=True, help="JSON lines {prompt, reference} or one prompt per line")
     gather.add_argument("--out", required=True, help="directory for rollouts.safetensors + rollouts.json")
     gather.add_argument("--verifier", help="module:function or file.py:function; default: last number == reference")
@@ -772,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             verifier = last_number_verifier(references)
         else:
             parser.error("--verifier is needed when the prompts carry no 'reference'")
-        model = ReflectiveModel.from_pretrained(args.model, device=args.device, backend=args.backend)
+        model = load_engine(args.model, engine=args.engine, device=args.device, backend=args.backend)
         rollouts = collect(
             model, prompts, verifier, args.k, label_from=args.label_from, max_think_tokens=args.max_think_tokens,
             max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -1,0 +1,70 @@
+"""The engine contract, run against every engine (docs: CONTRIBUTING, "Engines"): what the CLI, the server, the
+evaluation and the trainer rely on. An engine whose stack is absent is skipped, visibly."""
+
+import importlib.util
+import math
+
+import pytest
+
+from sprm_kernels.model import Engine, EngineInfo, GenerationParams, choose_best, load_engine
+from sprm_kernels.model.cli import SHIPPED_DIR
+
+ENGINE_PARAMS = [
+    pytest.param("hf", id="hf"),
+    pytest.param(
+        "vllm",
+        id="vllm",
+        marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+    ),
+]
+PROMPT = "4+8+1+6+9+3=?"
+
+
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
+def engine(request):
+    kwargs = {"device": "cpu"} if request.param == "hf" else {}
+    return load_engine(SHIPPED_DIR, engine=request.param, **kwargs)
+
+
+def test_engine_satisfies_the_protocol_and_describes_itself(engine):
+    assert isinstance(engine, Engine)
+    info = engine.info()
+    assert isinstance(info, EngineInfo)
+    assert info.engine in ("hf", "vllm") and info.model_name == "shipped"
+    assert info.hidden_size > 0 and info.num_layers >= 2 and info.context_length > 0
+
+
+def test_encode_is_what_score_scores(engine):
+    text = "<think>04+8=12 y.\n\n12+1=13 y.\n\n</think>13"
+    result = engine.score(text, return_all_scores=True)
+    assert engine.encode([text])[0] == result.token_ids
+    assert len(result.score_positions) == 2 and len(result.all_scores) == 2
+
+
+def test_generate_follows_the_shared_rules(engine):
+    result = engine.generate(PROMPT, k=3, seed=0, max_think_tokens=60, max_answer_tokens=4, temperature=1.0, top_p=1.0)
+    assert result.prompt_token_ids == engine.prompt_ids(PROMPT)
+    assert len(result.candidates) == 3
+    scores = [c.score for c in result.candidates]
+    assert result.best == choose_best(scores, [c.finished for c in result.candidates])
+    rescored = engine.score([result.prompt_token_ids + c.token_ids for c in result.candidates], return_all_scores=True)
+    for candidate, again in zip(result.candidates, rescored, strict=True):
+        assert candidate.score_positions == again.score_positions
+        assert math.isclose(candidate.score, again.value, rel_tol=1e-4, abs_tol=1e-6)
+    assert result.stats.total_tokens >= len(result.prompt_token_ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"k": 0}, "k:"), ({"temperature": -1.0}, "temperature:"), ({"top_p": 0.0}, "top_p:"), ({"mode": "x"}, "mode:")],
+)
+def test_generate_rejects_bad_parameters_alike(engine, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(PROMPT, max_think_tokens=4, max_answer_tokens=1, **kwargs)
+    with pytest.raises(ValueError, match=match):  # the same message from the shared parameters object
+        GenerationParams(**kwargs)
+
+
+def test_unknown_engine_is_named():
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        load_engine(SHIPPED_DIR, engine="tgi")
