@@ -53,7 +53,7 @@ GOALS = {
     "decode_in_flight": "S (or B) = 8 and 32, H = 5120: W1 bytes in flight >= 4 MiB",
     "decode_ctas": "S (or B) = 8 and 32, H = 5120: CTAs a multiple of the SM count",
     "decode_time_1.3x": "S (or B) = 8 and 32, H = 5120: modeled time <= 1.3x the W1-streaming floor",
-    "medium_tail": "S = 512: no partial last wave over 50% idle",
+    "medium_tail": "S = 512, H = 5120: no partial last round (one CTA per SM) over 50% idle",
     "variants": "<= 4 specialisations per (kernel, H, dtype, arch) for S, B in 1..65536",
 }
 # Goals the model shows to be out of reach: (why, the regression bound CI enforces instead, per arch).
@@ -112,6 +112,12 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+# The flags triton 3.9's make_cubin passes to ptxas besides -v (line info, and --regAllocOptLevel=2 "to work
+# around a ptxas 13.x bug"): without them the -v re-run allocates registers differently from the shipped cubin
+# and reports spills that the cubin (cuobjdump: LOCAL 0) does not have.
+PTXAS_FLAGS = ("-lineinfo", "--regAllocOptLevel=2")
+
+
 def _ptxas(arch: int) -> str:
     """The ptxas that triton itself uses for this arch (a newer one for sm_90+), so the PTX version matches."""
     try:
@@ -135,7 +141,7 @@ def _resources(cubin: bytes, ptx: str, arch: int) -> dict:
         ).stdout
         sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
         verbose = subprocess.run(
-            [_ptxas(arch), "-v", f"--gpu-name={sm}", ptx_path, "-o", os.path.join(tmp, "v.cubin")],
+            [_ptxas(arch), "-v", *PTXAS_FLAGS, f"--gpu-name={sm}", ptx_path, "-o", os.path.join(tmp, "v.cubin")],
             capture_output=True,
             text=True,
             check=True,
@@ -149,6 +155,7 @@ def _resources(cubin: bytes, ptx: str, arch: int) -> dict:
         "registers": field(r"REG:(\d+)", usage),
         "shared_bytes": field(r"SHARED:(\d+)", usage),
         "local_bytes": field(r"LOCAL:(\d+)", usage),
+        "stack_bytes": field(r"STACK:(\d+)", usage),  # spills live in the stack frame of the shipped cubin
         "spill_bytes": field(r"(\d+) bytes spill stores", verbose) + field(r"(\d+) bytes spill loads", verbose),
     }
 
@@ -355,7 +362,7 @@ def check_goals(records: list[dict], spec_rows: list[dict]) -> tuple[list[str], 
         where = f"{r['kernel']} {r['arch']} {r['dtype']} {r['shape']}"
         if not r.get("ok"):
             continue
-        if r["spill_bytes"] > 0 or r["registers"] > MAX_REGISTERS:
+        if r["spill_bytes"] > 0 or r.get("stack_bytes", 0) > 0 or r["registers"] > MAX_REGISTERS:
             miss("resources", r["arch"], 0, f"{where}: {r['spill_bytes']} spill bytes, {r['registers']} registers")
         if "modeled_time_us" not in r or r["dtype"] != "bf16":
             continue
@@ -378,7 +385,7 @@ def check_goals(records: list[dict], spec_rows: list[dict]) -> tuple[list[str], 
             if r["modeled_time_us"] > 1.3 * r["w1_stream_floor_us"]:
                 miss("decode_time_1.3x", r["arch"], 0, f"{where}: modeled {r['modeled_time_us']} us > 1.3x W1 "
                      f"floor {r['w1_stream_floor_us']} us")  # fmt: skip
-        if r["regime"] == "medium" and r["last_wave_idle"] > 0.5:
+        if r["regime"] == "medium" and h5120 and r["last_wave_idle"] > 0.5:
             miss("medium_tail", r["arch"], 0, f"{where}: last wave {100 * r['last_wave_idle']:.0f}% idle")
     for row in spec_rows:
         if row["variants"] > MAX_VARIANTS:
@@ -437,7 +444,7 @@ def main(argv=None) -> int:
                                        shared_bytes=record["shared_bytes"], num_warps=meta["num_warps"]))  # fmt: skip
         if not record["ok"]:
             failures += 1
-        elif record["spill_bytes"] > 0:
+        elif record["spill_bytes"] > 0 or record["stack_bytes"] > 0:
             failures += 1
             record["goal_missed"] = "spills"
         records.append(record)

@@ -15,7 +15,9 @@ model"):
   achievable tensor rate (fp32 operands: the nominal FMA rate) divided evenly over SMs; a program runs on one
   SM and programs go to the least-loaded SM in id order. Memory: DRAM bytes at min(bandwidth, bytes in flight /
   latency), scaled by the load imbalance of the programs' bytes over SMs. Time = max(compute, memory) + a fixed
-  launch-and-tail overhead. Bytes in flight = resident CTAs x (num_stages - 1) stages x the tile bytes a stage
+  launch-and-tail overhead. `last_wave_idle` is the share of SMs without a CTA in the last round of one CTA
+  per SM (ctas / sms rounds; 160 CTAs on 132 SMs: 79% idle), the tail that the compute time pays for. Bytes in
+  flight = resident CTAs x (num_stages - 1) stages x the tile bytes a stage
   loads (columns past a split's end are masked and not counted).
 """
 
@@ -189,13 +191,14 @@ def model_launch(launch: Launch, gpu: Gpu, *, registers: int, shared_bytes: int,
     flops = 2.0 * s * f * h + 2.0 * s * f
     roofline_s = max(flops / rate, ideal / gpu.dram_bytes_per_s)
     waves = launch.ctas / concurrent
+    rounds = launch.ctas / gpu.sms  # rounds of one CTA per SM: the work quantum of the compute model
     return {
         "gpu": gpu.name,
         "ctas": launch.ctas,
         "sms": gpu.sms,
         "ctas_per_sm": per_sm,
         "waves": round(waves, 3),
-        "last_wave_idle": round(0.0 if waves == int(waves) else 1.0 - (waves - math.floor(waves)), 3),
+        "last_wave_idle": round(0.0 if rounds == int(rounds) else 1.0 - (rounds - math.floor(rounds)), 3),
         "w1_bytes_in_flight": int(in_flight_w),
         "modeled_dram_bytes": int(modeled),
         "ideal_dram_bytes": int(ideal),

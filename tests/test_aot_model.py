@@ -89,6 +89,7 @@ def test_model_of_a_memory_bound_launch_by_hand():
     assert fields["modeled_dram_bytes"] == 12 + 16 + 8 + 16 + 32
     assert fields["ideal_dram_bytes"] == 2 * 2 + 4 * 2 + 16 + 8 + 16
     assert fields["ctas"] == 2 and fields["ctas_per_sm"] == 2 and fields["waves"] == 0.5
+    assert fields["last_wave_idle"] == 0.0  # 2 CTAs on 2 SMs: one full round
     # in flight: 2 resident CTAs x 1 stage x (2 columns x 2 H x 1 byte) of W1
     assert fields["w1_bytes_in_flight"] == 8
     # memory: 76 bytes at 1 GB/s, each SM loading 8 bytes (balanced) = 76 ns; compute: 2*2*2*2 = 16 flop per
@@ -128,6 +129,19 @@ def test_at_most_four_variants_for_any_s_and_b(monkeypatch):
     monkeypatch.setattr(aot, "_unspecialised", lambda kernel: real(kernel) - {"S"})
     again = [r for r in aot.specializations(90) if r["kernel"] == "sprm_score"]
     assert all(r["variants"] > aot.MAX_VARIANTS for r in again), again
+
+
+def test_medium_splits_fill_the_last_round_when_that_costs_no_round():
+    from sprm_kernels.kernels.sprm_score import gemm_splits
+
+    # S = 512 in 8 row blocks of 64. H = 3584 on 132 SMs: 56 tiles = 448 CTAs (3.4 rounds) become 66 splits of at
+    # most 112 columns = 528 CTAs = 4 full rounds. H = 5120: 80 tiles = 640 CTAs (4.85 rounds); 99 splits would
+    # take 6 rounds, so the tiles stay. On 108 SMs, 56 tiles: the exact choice (81 splits) would add a round.
+    assert gemm_splits(8, 7168, 128, 132, 2) == (66, 8)
+    assert gemm_splits(8, 10240, 128, 132, 2) == (80, 128)
+    assert gemm_splits(8, 7168, 128, 108, 2) == (56, 128)
+    assert gemm_splits(256, 10240, 128, 132, 3) == (80, 128)  # the large bucket keeps one tile per split
+    assert max(e - b for b, e in (split_columns(n, 66, 7168 // 8, 8) for n in range(66))) <= 128
 
 
 def test_decode_schedule_puts_one_program_per_sm():

@@ -151,3 +151,23 @@ def test_update_is_cuda_graph_capturable():
         eager.update(states, flags)
     assert torch.equal(scorer.result().num_steps, eager.result().num_steps)
     assert torch.equal(scorer.result().log_score, eager.result().log_score)
+
+
+@requires_cuda
+def test_idle_skip_is_decided_on_the_device_inside_a_cuda_graph():
+    head = [t.cuda() for t in random_head(64, torch.bfloat16)]
+    scorer = StepScorer(*head, batch_size=8, group_size=8)
+    states = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    flags = torch.zeros(8, dtype=torch.bool, device="cuda")
+    want = torch.zeros_like(flags)
+    scorer.update(states, flags, want_prob=want)  # warm-up compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scorer.update(states, flags, want_prob=want)
+    flags[3] = True
+    graph.replay()  # a flagged row: the head runs
+    flags[3] = False
+    graph.replay()  # idle: skipped, the count stays
+    torch.cuda.synchronize()
+    assert scorer.count.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert torch.isnan(scorer.step_prob).all()

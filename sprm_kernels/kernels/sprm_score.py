@@ -14,6 +14,7 @@ come from four buckets of S (`pick_score_config`), so a server compiles at most 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -223,19 +224,35 @@ ROW_BUCKETS = (16, 64, 4096)
 GRANULE = 8  # decode: split boundaries fall on multiples of 8 columns, so the splits stay within 8 of each other
 L2_GROUP_FRACTION = 0.85  # share of L2 for a group's W1 columns plus the row blocks of X that run at once
 # (BLOCK_S, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket, 16-bit and fp32 operands (fp32 operands take twice
-# the registers and shared memory per element; their dot is IEEE fp32 on the FMA units).
+# the registers and shared memory per element; their dot is IEEE fp32 on the FMA units, whose operands sit in
+# registers: BLOCK_K = 16 keeps them under 128 registers per thread at 8 warps, where ptxas caps them on sm_90).
 GPU_TILES = {
     (0, False): (16, 128, 128, 4, 4),
-    (1, False): (64, 128, 128, 4, 3),
+    (1, False): (64, 128, 128, 8, 3),
     (2, False): (64, 128, 64, 4, 3),
     (3, False): (128, 128, 64, 8, 3),
-    (0, True): (16, 128, 32, 4, 4),
-    (1, True): (64, 64, 32, 4, 3),
-    (2, True): (64, 64, 32, 4, 3),
-    (3, True): (64, 64, 32, 4, 3),
+    (0, True): (16, 128, 16, 8, 4),
+    (1, True): (64, 64, 16, 8, 3),
+    (2, True): (64, 64, 16, 8, 3),
+    (3, True): (64, 64, 16, 8, 3),
 }
 INTERPRETER_TILES = (16, 16, 32, 4, 1)  # small numpy work per program
 INTERPRETER_GROUP_SPLITS, INTERPRETER_PROGRAMS = 2, 4  # grouped order (partial groups) and split reduction on CPU
+
+
+def gemm_splits(row_blocks: int, width: int, block_n: int, sms: int, bucket: int) -> tuple[int, int]:
+    """(splits, granule) of a GEMM bucket: one BLOCK_N tile per split, except in the medium bucket when splits
+    of at most BLOCK_N columns (granule 8) can make the CTA count an exact multiple of the SMs without adding a
+    round of CTAs: then the last round is full (e.g. S = 512, H = 3584 on H100: 66 splits, 528 CTAs = 4 x 132,
+    instead of 56 splits, 448 CTAs = 3.4 rounds). Masked columns cost compute, never DRAM bytes."""
+    tiles = triton.cdiv(width, block_n)
+    if bucket == 2:
+        rounds = triton.cdiv(row_blocks * tiles, sms)
+        step = sms // math.gcd(row_blocks, sms)
+        splits = triton.cdiv(tiles, step) * step
+        if row_blocks * splits <= rounds * sms and splits <= triton.cdiv(width, GRANULE):
+            return splits, GRANULE
+    return tiles, block_n
 
 
 def gemm_group_splits(splits: int, block_s: int, block_n: int, row_bytes: int, gpu: GpuInfo) -> int:
@@ -284,9 +301,8 @@ def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.
         granules = triton.cdiv(width, granule)
         splits = max(1, min(granules, gpu.sms // row_blocks))
     else:
-        granule = block_n
+        splits, granule = gemm_splits(row_blocks, width, block_n, gpu.sms, bucket)
         granules = triton.cdiv(width, granule)
-        splits = granules
         group_splits = gemm_group_splits(splits, block_s, block_n, hidden_size * dtype.itemsize, gpu)
     # The split reduction's tile: fixed per bucket (2048 partials per step), so it never adds a variant.
     split_tile = max(1, 2048 // block_s)
