@@ -257,8 +257,8 @@ def gemm_splits(row_blocks: int, width: int, block_n: int, sms: int, bucket: int
 
 def gemm_group_splits(splits: int, block_s: int, block_n: int, row_bytes: int, gpu: GpuInfo) -> int:
     """Splits per group: the most whose W1 tiles (block_n rows of W1 each), plus the row blocks of X that one SM
-    round touches (about sms / group + 1 of them), fit in L2_GROUP_FRACTION of L2; then evened out over the
-    groups that makes (80 splits in groups of at most 30 become 27 + 27 + 26)."""
+    round touches (sms / group of them, plus 2 for the rounds that overlap), fit in L2_GROUP_FRACTION of L2;
+    then evened out over the groups that makes (H100, H = 5120: at most 28, so 80 splits become 27 + 27 + 26)."""
     budget = L2_GROUP_FRACTION * gpu.l2_bytes
     best = 1
     for group in range(1, splits + 1):
