@@ -3,8 +3,10 @@
     python -m bench.kernels [--quick] [--csv PATH] [--device cpu|cuda] [--max-call-s 10] [--max-gb 8] [--no-compile]
 
 CUDA: the fused Triton kernels, bf16 and fp16, timed with triton.testing.do_bench (median, 20th and 80th
-percentiles), against the eager reference and torch.compile of it; the decode-time scorer also under CUDA
-graphs. The roofline floor is SPEC 9's H100 figures. CPU: the PyTorch path (backend="torch") in fp32 against the
+percentiles), against the eager reference, torch.compile of it, and `cublas_epilogue` (the best unfused
+PyTorch: one cuBLAS GEMM with b1 in its epilogue, ReLU in place, one GEMV, the per-candidate tail in fp32); the
+decode-time scorer also under CUDA graphs. The cuBLAS rows are code that has never run here (no GPU): not
+measured. The roofline floor is SPEC 9's H100 figures. CPU: the PyTorch path (backend="torch") in fp32 against the
 same references, wall-clock timed; the roofline floor is this CPU's copy bandwidth and fp32 GEMM rate, measured
 at start-up. Shapes whose eager reference would need more than --max-gb or take longer than --max-call-s per
 call (estimated from the floor) are skipped and listed. Results are appended to a tidy CSV (see bench.common).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +78,21 @@ def eager_step_update(hidden, is_step, w1, b1, w2, b2, sum_log, count) -> torch.
     return probs
 
 
+def cublas_epilogue(hidden, step_index, offsets, w1, b1, w2, b2, group_size=None) -> torch.Tensor:
+    """Per-candidate scores the unfused way a user would write it on a GPU: gather, addmm (cuBLAS GEMM, b1 in the
+    epilogue), ReLU in place, one GEMV, then log-sigmoid, clamp and the segment means in fp32; best-of-group
+    argmax. Writes and reads the [S, 2H] intermediate once, unlike the fused kernel."""
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, step_index)
+    act = torch.addmm(b1, rows, w1.t()).relu_()
+    logits = torch.mv(act, w2.reshape(-1)).float() + b2.float()
+    log_p = F.logsigmoid(logits).clamp_(min=math.log(PROB_EPS))
+    counts = offsets.diff()
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=hidden.device), counts)
+    sums = torch.zeros(counts.numel(), device=hidden.device).index_add_(0, owner, log_p)
+    score = torch.where(counts > 0, torch.exp(sums / counts.clamp(min=1)), 0.0)
+    return score if group_size is None else score.view(-1, group_size).argmax(1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Providers: name -> zero-argument callable, built per shape
 
@@ -94,6 +112,7 @@ def score_providers(problem: Problem, device: torch.device, compiled_reference) 
         providers["triton_launch"] = lambda: launch_sprm_score(
             *launch_args, group_size=GROUP_SIZE, return_step_scores=False
         )
+        providers["cublas_epilogue"] = lambda: cublas_epilogue(*args, group_size=GROUP_SIZE)
     if compiled_reference is not None:
         providers["eager_compiled"] = lambda: compiled_reference(*args, group_size=GROUP_SIZE)
     return providers

@@ -17,9 +17,14 @@ class StepScorer:
     >>> for each decode step: scorer.update(hidden_before_new_token, new_token_is_step)
     >>> scorer.result()  # SPRMScores with score, log_score, num_steps, best (step_scores is None)
 
-    `update(hidden [B, H], is_step [B] bool)` adds log p of the flagged rows to the running sums; it returns
-    this call's step probability of every row ([B] fp32, a buffer reused by the next call). On CUDA it is one
-    Triton launch that can be captured in a CUDA graph (the buffers never move).
+    `update(hidden [B, H], is_step [B] bool, want_prob=None)` adds log p of the flagged rows to the running sums;
+    it returns this call's step probability of every row ([B] fp32, a buffer reused by the next call). On CUDA it
+    is one Triton launch that can be captured in a CUDA graph (the buffers never move).
+
+    Idle steps: pass `want_prob` ([B] bool, the rows whose probability you will read; all False if none) and a call
+    where no row is flagged or wanted skips the head on the device (no W1 traffic, no host synchronisation): the
+    running sums stay as they are and every entry of the returned step probabilities is NaN. With
+    `want_prob=None` every row's probability is wanted, so the head runs on every call.
     """
 
     def __init__(self, w1, b1, w2, b2, batch_size: int, *, group_size: int | None = None, backend=None):
@@ -42,10 +47,10 @@ class StepScorer:
         self.count = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.step_prob = torch.zeros(batch_size, dtype=torch.float32, device=self.device)
         if self.backend == "triton":
-            from .kernels.sprm_score import device_sm_count, pick_score_config
+            from .kernels.sprm_score import device_gpu_info, pick_score_config
 
-            num_sms = device_sm_count(self.device)
-            self.config = pick_score_config(batch_size, self.hidden_size, w1.shape[0], self.dtype, num_sms)
+            gpu = device_gpu_info(self.device)
+            self.config = pick_score_config(batch_size, self.hidden_size, w1.shape[0], self.dtype, gpu)
             self.partial = torch.empty(self.config.num_splits * batch_size, dtype=torch.float32, device=self.device)
             row_blocks = -(-batch_size // self.config.block_s)
             self.ticket = torch.zeros(row_blocks, dtype=torch.int32, device=self.device)  # one per row block
@@ -54,7 +59,7 @@ class StepScorer:
         self.sum_log.zero_()
         self.count.zero_()
 
-    def update(self, hidden: torch.Tensor, is_step: torch.Tensor) -> torch.Tensor:
+    def update(self, hidden: torch.Tensor, is_step: torch.Tensor, want_prob: torch.Tensor | None = None):
         check_tensor("hidden", hidden, dims=(2,), dtypes=(self.dtype,), device=self.device)
         if hidden.shape != (self.batch_size, self.hidden_size) or (hidden.stride(-1) != 1 and self.hidden_size > 1):
             raise ValueError(
@@ -64,16 +69,20 @@ class StepScorer:
         check_tensor("is_step", is_step, dims=(1,), dtypes=(torch.bool,), device=self.device)
         if is_step.shape[0] != self.batch_size:
             raise ValueError(f"is_step: expected shape [{self.batch_size}], got {tuple(is_step.shape)}")
+        if want_prob is not None:
+            check_tensor("want_prob", want_prob, dims=(1,), dtypes=(torch.bool,), device=self.device)
+            if want_prob.shape[0] != self.batch_size:
+                raise ValueError(f"want_prob: expected shape [{self.batch_size}], got {tuple(want_prob.shape)}")
         if self.backend == "triton":
             from .kernels.step_scorer import launch_step_scorer
 
             launch_step_scorer(
-                hidden, is_step, self.w1, self.b1, self.w2, self.b2, self.partial, self.ticket,
+                hidden, is_step, want_prob, self.w1, self.b1, self.w2, self.b2, self.partial, self.ticket,
                 self.sum_log, self.count, self.step_prob, self.config,
             )  # fmt: skip
         else:
             torch_ops.step_scorer_update_torch(
-                hidden, is_step, self.w1, self.b1, self.w2, self.b2, self.sum_log, self.count, self.step_prob
+                hidden, is_step, self.w1, self.b1, self.w2, self.b2, self.sum_log, self.count, self.step_prob, want_prob
             )
         return self.step_prob
 

@@ -101,8 +101,13 @@ def sprm_score_torch(hidden, step_index, offsets, w1, b1, w2, b2, group_size, re
     return score, log_score, num_steps, torch.sigmoid(logits) if return_step_scores else None, best
 
 
-def step_scorer_update_torch(hidden, is_step, w1, b1, w2, b2, sum_log, count, step_prob) -> None:
+def step_scorer_update_torch(hidden, is_step, w1, b1, w2, b2, sum_log, count, step_prob, want_prob=None) -> None:
+    """The StepScorer contract on the torch route; an idle call (want_prob given, no row flagged or wanted) leaves
+    the sums alone and returns NaN probabilities, decided without a host synchronisation."""
     logits = head_logits_fp32(hidden, w1, b1, w2, b2)
     sum_log.add_(torch.where(is_step, clamped_log_sigmoid(logits), 0.0))
     count.add_(is_step.to(count.dtype))
-    step_prob.copy_(torch.sigmoid(logits))
+    probs = torch.sigmoid(logits)
+    if want_prob is not None:
+        probs = torch.where((is_step | want_prob).any(), probs, float("nan"))
+    step_prob.copy_(probs)

@@ -201,9 +201,9 @@ def test_kernel_splits_are_deterministic(poisoned_allocations, splits):
     hidden, step_index = hidden.to(device), step_index.to(device)
     w1, b1, w2, b2 = head[0].to(device), head[1].to(device), head[2].to(device).reshape(-1), head[3].to(device)
     width = w1.shape[0]
-    cfg = ScoreConfig(block_s=16, block_n=16, block_k=16, num_splits=splits,
-                      cols_per_split=-(-width // splits // 16) * 16, num_warps=4, num_stages=1)  # fmt: skip
-    assert (cfg.num_splits - 1) * cfg.cols_per_split < width
+    cfg = ScoreConfig(block_s=16, block_n=16, block_k=16, num_splits=splits, granule=8, group_splits=2,
+                      num_warps=4, num_stages=1, split_tile=2)  # fmt: skip
+    assert width // 8 >= splits
     first = launch_step_logits(hidden, step_index, w1, b1, w2, b2, config=cfg)
     again = launch_step_logits(hidden, step_index, w1, b1, w2, b2, config=cfg)
     assert not first.isnan().any()

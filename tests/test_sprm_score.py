@@ -102,6 +102,23 @@ def test_one_candidate_one_step_and_empty(route, steps):
         assert result.step_scores.numel() == 0
 
 
+def test_no_steps_launches_one_program_without_columns():
+    """S = 0: the launcher's grid is one program and its column range is empty (no W1 traffic); outputs written."""
+    from sprm_kernels.kernels.sprm_score import prepare_sprm_score
+
+    head = random_head(16)
+    step_index, offsets = torch.empty(0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
+    _, grid, args, _ = prepare_sprm_score(
+        torch.randn(5, 16), step_index, offsets, head[0], head[1], head[2].view(-1), head[3],
+        group_size=None, return_step_scores=False,
+    )  # fmt: skip
+    names = ("num_row_blocks", "num_splits", "num_granules")
+    from sprm_kernels.kernels.sprm_score import sprm_score_kernel
+
+    values = dict(zip(sprm_score_kernel.arg_names, args, strict=False))
+    assert grid == (1,) and [values[n] for n in names] == [1, 1, 0]
+
+
 def test_no_candidates(route):
     head = random_head(16)
     result = score(route, torch.randn(5, 16), torch.empty(0, dtype=torch.int64), torch.zeros(1, dtype=torch.long), head)
@@ -201,7 +218,9 @@ def test_offsets_past_2_31_elements_use_int64(route):
 
 
 def test_tile_configurations_give_the_same_answer():
-    """Both regimes of the launcher (one column split per program, and one split for all columns) agree."""
+    """Every schedule of the launcher agrees: one BLOCK_N tile per split, one split for all columns, uneven splits
+    (granules of 8 columns over 3 splits), grouped orders with full, partial and oversized groups, a split
+    reduction in several SPLIT_TILE steps."""
     from conftest import INTERPRETING
 
     if not INTERPRETING:
@@ -212,11 +231,14 @@ def test_tile_configurations_give_the_same_answer():
     head = random_head(40, seed=27)
     step_index, offsets = random_csr(90, [20, 1, 0, 33, 13], seed=28)
     expected = truth(hidden, step_index, offsets, *head)
+    tiles = dict(num_warps=4, num_stages=2, block_k=16)
     configs = [
-        ScoreConfig(block_s=16, block_n=16, block_k=16, num_splits=5, cols_per_split=16, num_warps=4, num_stages=2),
-        ScoreConfig(block_s=32, block_n=32, block_k=32, num_splits=1, cols_per_split=96, num_warps=4, num_stages=2),
-        ScoreConfig(16, 32, 16, 2, 64, 4, 2, block_b=2, block_j=4),  # final means: several tiles per candidate
-    ]
+        ScoreConfig(block_s=16, block_n=16, num_splits=5, granule=16, group_splits=2, split_tile=2, **tiles),
+        ScoreConfig(block_s=32, block_n=32, num_splits=1, granule=96, group_splits=1, **tiles),
+        ScoreConfig(block_s=16, block_n=16, num_splits=3, granule=8, group_splits=4, split_tile=4, **tiles),
+        ScoreConfig(block_s=16, block_n=32, num_splits=2, granule=8, group_splits=9, split_tile=2, **tiles,
+                    block_b=2, block_j=4),  # final means: several tiles per candidate
+    ]  # fmt: skip
     for cfg in configs:
         out = launch_sprm_score(
             hidden, step_index, offsets, head[0], head[1], head[2].view(-1), head[3],

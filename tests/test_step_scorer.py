@@ -69,6 +69,38 @@ def test_nan_in_an_unflagged_row_does_not_leak(route):
     assert result.best.item() != 3
 
 
+def test_idle_steps_skip_the_head(route):
+    """want_prob given and no row flagged or wanted: the sums stay, every probability is NaN; a wanted row makes
+    the head run without touching the sums; without want_prob the head always runs (the old contract)."""
+    device, backend = route
+    head = [t.to(device) for t in random_head(24, seed=7)]
+    scorer = StepScorer(*head, batch_size=5, group_size=5, backend=backend)
+    states = torch.randn(5, 24, generator=torch.Generator().manual_seed(8)).to(device)
+    none = torch.zeros(5, dtype=torch.bool, device=device)
+    flags = torch.tensor([True, False, True, False, False], device=device)
+    scorer.update(states, flags, want_prob=none)
+    before = scorer.result()
+    sums = scorer.sum_log.clone()
+    probs = scorer.update(states, none, want_prob=none)
+    assert torch.isnan(probs).all()
+    assert torch.equal(scorer.sum_log, sums) and torch.equal(scorer.count.cpu(), before.num_steps.cpu())
+    expected = truth(states.cpu(), torch.arange(5), torch.tensor([0, 5]), *[t.cpu() for t in head]).step_scores
+    wanted = torch.tensor([False, False, False, True, False], device=device)
+    probs = scorer.update(states, none, want_prob=wanted)
+    assert max_abs_error(probs, expected) < FP32_LEVEL and torch.equal(scorer.sum_log, sums)
+    probs = scorer.update(states, none)
+    assert max_abs_error(probs, expected) < FP32_LEVEL and torch.equal(scorer.sum_log, sums)
+    scorer.update(states, flags, want_prob=none)  # and a flagged step after idle ones counts as usual
+    assert scorer.result().num_steps.tolist() == [2, 0, 2, 0, 0]
+
+
+def test_bad_want_prob():
+    scorer = StepScorer(*random_head(8, width=16), batch_size=4, backend="torch")
+    flags = torch.ones(4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="want_prob"):
+        scorer.update(torch.randn(4, 8), flags, want_prob=torch.ones(3, dtype=torch.bool))
+
+
 @pytest.mark.parametrize(
     "kwargs,argument",
     [
@@ -119,3 +151,23 @@ def test_update_is_cuda_graph_capturable():
         eager.update(states, flags)
     assert torch.equal(scorer.result().num_steps, eager.result().num_steps)
     assert torch.equal(scorer.result().log_score, eager.result().log_score)
+
+
+@requires_cuda
+def test_idle_skip_is_decided_on_the_device_inside_a_cuda_graph():
+    head = [t.cuda() for t in random_head(64, torch.bfloat16)]
+    scorer = StepScorer(*head, batch_size=8, group_size=8)
+    states = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    flags = torch.zeros(8, dtype=torch.bool, device="cuda")
+    want = torch.zeros_like(flags)
+    scorer.update(states, flags, want_prob=want)  # warm-up compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scorer.update(states, flags, want_prob=want)
+    flags[3] = True
+    graph.replay()  # a flagged row: the head runs
+    flags[3] = False
+    graph.replay()  # idle: skipped, the count stays
+    torch.cuda.synchronize()
+    assert scorer.count.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert torch.isnan(scorer.step_prob).all()

@@ -2,11 +2,18 @@
 
 A program owns BLOCK_S rows and a column range [col_begin, col_end) of W1; it returns the partial logit of its
 rows over that range. ReLU sits between the layers, so F is split and never H: every F tile sees the complete
-pre-activation and its partial logits simply add across tiles.
+pre-activation and its partial logits simply add across tiles. Which rows and columns a program owns is decided by
+`program_tile` and `split_columns`: the plain-Python functions of schedule.py, compiled here as they are, so that
+the launcher, the tests and the AOT tool's L2 model use the very same order.
 """
 
 import triton
 import triton.language as tl
+
+from . import schedule
+
+program_tile = triton.jit(schedule.program_tile)
+split_columns = triton.jit(schedule.split_columns)
 
 LOG_PROB_EPS = tl.constexpr(-23.025850929940457)  # log(1e-10), the clamp of the public implementation
 
@@ -95,17 +102,15 @@ def arrived_last(ticket_ptr, arrivals):
 
 
 @triton.jit
-def sum_split_partials(
-    partial_ptr, rows, row_mask, S, NUM_SPLITS: tl.constexpr, SPLIT_TILE: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """sum_n partial[n, rows] over the NUM_SPLITS column splits, read in [SPLIT_TILE, rows] tiles in a fixed
+def sum_split_partials(partial_ptr, rows, row_mask, S, num_splits, SPLIT_TILE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """sum_n partial[n, rows] over the num_splits column splits, read in [SPLIT_TILE, rows] tiles in a fixed
     order (the same bits whichever program adds them); `.cg` reads L2, never a stale L1 line."""
     acc = tl.zeros([SPLIT_TILE, BLOCK_S], dtype=tl.float32)
-    for split0 in range(0, NUM_SPLITS, SPLIT_TILE):
+    for split0 in range(0, num_splits, SPLIT_TILE):
         split = split0 + tl.arange(0, SPLIT_TILE)
         acc += tl.load(
             partial_ptr + split[:, None].to(tl.int64) * S + rows[None, :],
-            mask=(split[:, None] < NUM_SPLITS) & row_mask[None, :],
+            mask=(split[:, None] < num_splits) & row_mask[None, :],
             other=0.0,
             cache_modifier=".cg",
         )
@@ -125,21 +130,34 @@ def complete_row_block(
     partial_ptr,
     ticket_ptr,
     b2_ptr,
+    pid_s,
+    pid_n,
     rows,
     row_mask,
     S,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     SPLIT_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """(logits with b2, done): with one split every program completes its block; with several, the partials go to
-    the [NUM_SPLITS, S] workspace and only the last split to arrive at this row block gets done = True and the
-    sum over all splits (its `logits` are meaningless elsewhere)."""
-    if NUM_SPLITS > 1:
-        tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * S + rows, partial, mask=row_mask)
-        done = arrived_last(ticket_ptr + tl.program_id(1), NUM_SPLITS)
-        if done:
-            partial = sum_split_partials(partial_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S)
-    else:
-        done = True
+    """(logits with b2, done): the partials go to the [num_splits, S] workspace and only the last split to arrive
+    at row block `pid_s` gets done = True and the sum over all splits in split order (its `logits` are
+    meaningless elsewhere). num_splits is a runtime integer, so one compiled kernel serves every split count; with
+    one split the program that stores is also the last to arrive."""
+    tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, partial, mask=row_mask)
+    done = arrived_last(ticket_ptr + pid_s, num_splits)
+    if done:
+        partial = sum_split_partials(partial_ptr, rows, row_mask, S, num_splits, SPLIT_TILE, BLOCK_S)
     return partial + tl.load(b2_ptr).to(tl.float32), done
+
+
+@triton.jit
+def any_row_active(is_step_ptr, want_ptr, B, BLOCK: tl.constexpr):
+    """True when some row b < B has is_step[b] or want[b] set; every program computes the same answer."""
+    found = tl.zeros([BLOCK], dtype=tl.int32)
+    for b0 in range(0, B, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        in_range = b < B
+        flagged = tl.load(is_step_ptr + b, mask=in_range, other=0) != 0
+        wanted = tl.load(want_ptr + b, mask=in_range, other=0) != 0
+        found = tl.maximum(found, (flagged | wanted).to(tl.int32))
+    return tl.max(found, axis=0) > 0

@@ -1,16 +1,20 @@
 """score[b] = exp(mean_{s in steps(b)} log max(sigmoid(w2 . relu(W1 h[idx[s]] + b1) + b2), 1e-10)), in one launch.
 
 Shapes: hidden (N, H) or (B, T, H) with any row strides; step_index (S,); offsets (B+1,); W1 (F, H), F = 2H.
-Grid (NUM_SPLITS, cdiv(S, BLOCK_S)): program (n, s) computes the partial logits of row block s over W1's column
-split n; the [S, F] activations stay in registers. With several splits the partials go to a [NUM_SPLITS, S] fp32
-workspace and the last program to arrive at row block s (an integer ticket per row block; no spin-wait) adds
-them in a fixed order. That program writes the block's log p; the last row block to finish (a second ticket)
-computes the per-candidate means and the per-group argmax, both vectorised over candidates. No float atomics:
-the same bits on every run.
+A 1-D grid of cdiv(S, BLOCK_S) * num_splits programs; `program_tile` (schedule.py) maps program p to a row block
+s and a column split n in grouped order (L2 reuse of X and W1), and `split_columns` gives split n's range of W1
+columns. Program (s, n) computes the partial logits of row block s over split n; the [S, F] activations stay in
+registers. The partials go to a [num_splits, S] fp32 workspace and the last program to arrive at row block s (an
+integer ticket per row block; no spin-wait) adds them in split order. That program writes the block's log p; the
+last row block to finish (a second ticket) computes the per-candidate means and the per-group argmax, both
+vectorised over candidates. No float atomics: the same bits on every run. Everything that depends on S, B, T or
+the split count is a runtime integer that the JIT does not specialise on (`do_not_specialize`), and the tiles
+come from four buckets of S (`pick_score_config`), so a server compiles at most four variants per head shape.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -18,12 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune import maybe_autotuned
 from .head import (
     arrived_last,
     clamped_log_sigmoid,
     complete_row_block,
     gathered_row_offsets,
     head_partial_logit,
+    program_tile,
+    split_columns,
     stable_sigmoid,
 )
 
@@ -83,7 +90,14 @@ def group_argmax(score_ptr, best_ptr, num_groups, group_size, BLOCK_G: tl.conste
         tl.store(best_ptr + group, best_index, mask=group_mask)
 
 
-@triton.jit
+# Runtime integers that vary with S, B, T or the split count: never specialised (no recompiles as they change).
+SCORE_RUNTIME_INTS = (
+    "seq_len", "S", "B", "group_size", "num_groups",
+    "num_row_blocks", "num_splits", "num_granules", "granule", "group_splits", "tune_key",
+)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=SCORE_RUNTIME_INTS)
 def sprm_score_kernel(
     hidden_ptr,
     stride_hb,  # stride between sequences ((B, T, H) layout); 0 for (N, H)
@@ -96,7 +110,7 @@ def sprm_score_kernel(
     b1_ptr,
     w2_ptr,
     b2_ptr,
-    partial_ptr,  # [NUM_SPLITS, S] fp32 workspace (unused with one split)
+    partial_ptr,  # [num_splits, S] fp32 workspace
     log_prob_ptr,  # [S] fp32 workspace: clamped log p of every step
     ticket_ptr,  # int32 [row blocks + 1], zero on entry: one ticket per row block, then one for the whole grid
     step_scores_ptr,
@@ -110,8 +124,12 @@ def sprm_score_kernel(
     B,
     group_size,
     num_groups,
-    cols_per_split,
-    NUM_SPLITS: tl.constexpr,
+    num_row_blocks,
+    num_splits,
+    num_granules,  # W1's columns in granules of `granule` (schedule.split_columns); 0 skips the head (S = 0)
+    granule,
+    group_splits,  # column splits per group of the grouped order (schedule.program_tile)
+    tune_key,  # the S bucket: only SPRM_AUTOTUNE=1 reads it (its cache key)
     SPLIT_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -125,23 +143,21 @@ def sprm_score_kernel(
     UPCAST: tl.constexpr,
     FP32_INPUTS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_row_blocks = tl.num_programs(1)
+    pid_s, pid_n = program_tile(tl.program_id(0), num_row_blocks, num_splits, group_splits)
 
     # Phase 1: partial logits of BLOCK_S gathered rows over one split of W1's columns.
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < S
     row_offset = gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht)
-    col_begin = pid_n * cols_per_split
+    col_begin, col_end = split_columns(pid_n.to(tl.int64), num_splits, num_granules, granule)
     partial = head_partial_logit(
         hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin,
-        tl.minimum(col_begin + cols_per_split, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
+        tl.minimum(col_end, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
 
     # Phase 2: the program that completes row block s turns its logits into log p.
     logit, row_block_done = complete_row_block(
-        partial, partial_ptr, ticket_ptr, b2_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S
+        partial, partial_ptr, ticket_ptr, b2_ptr, pid_s, pid_n, rows, row_mask, S, num_splits, SPLIT_TILE, BLOCK_S
     )
     if row_block_done:
         if WRITE_STEP_SCORES:
@@ -158,50 +174,139 @@ def sprm_score_kernel(
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    """Tiles and schedule of one launch. The constexpr part (block sizes, warps, stages, split_tile) is fixed per
+    S bucket; num_splits, granule and group_splits are runtime integers."""
+
     block_s: int
     block_n: int
     block_k: int
-    num_splits: int
-    cols_per_split: int
+    num_splits: int  # column splits of W1 (schedule.split_columns)
+    granule: int  # columns per granule of the split boundaries
+    group_splits: int  # column splits per group of the grouped program order (schedule.program_tile)
     num_warps: int
     num_stages: int
+    split_tile: int = 1  # splits summed per step of the ticket reduction
+    bucket: int = 0  # which S bucket chose the tiles (ROW_BUCKETS)
     block_b: int = 16  # candidates per tile of the final means
     block_j: int = 128  # steps per tile of the final means
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """What the schedule needs to know about a GPU: SMs, L2 bytes, compute capability (e.g. 90)."""
+
+    sms: int
+    l2_bytes: int
+    arch: int
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def device_gpu_info(device: torch.device) -> GpuInfo | None:
+    """SM count, L2 size and arch of a CUDA device, read from the device; None elsewhere (interpreter tiles)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return GpuInfo(props.multi_processor_count, props.L2_cache_size, 10 * props.major + props.minor)
+
+
 def device_sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter's tiles are used)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return None
+    """Streaming multiprocessors of a CUDA device; None elsewhere."""
+    info = device_gpu_info(device)
+    return None if info is None else info.sms
 
 
-def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.dtype, num_sms: int | None):
-    """Tiles by shape: small S (decode) spreads W1 over many column splits; large S is a plain row-tiled GEMM.
+# S buckets: S <= 16 and S <= 64 are decode-sized (one row block, W1 spread over one program per SM); above, a
+# grouped GEMM over (row block, BLOCK_N tile). The bucket is the only thing about S that picks constexprs.
+ROW_BUCKETS = (16, 64, 4096)
+GRANULE = 8  # decode: split boundaries fall on multiples of 8 columns, so the splits stay within 8 of each other
+L2_GROUP_FRACTION = 0.85  # share of L2 for a group's W1 columns plus the row blocks of X that run at once
+# (BLOCK_S, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket, 16-bit and fp32 operands (fp32 operands take twice
+# the registers and shared memory per element; their dot is IEEE fp32 on the FMA units, whose operands sit in
+# registers: BLOCK_K = 16 keeps them under 128 registers per thread at 8 warps, where ptxas caps them on sm_90).
+GPU_TILES = {
+    (0, False): (16, 128, 128, 4, 4),
+    (1, False): (64, 128, 128, 8, 3),
+    (2, False): (64, 128, 64, 4, 3),
+    (3, False): (128, 128, 64, 8, 3),
+    (0, True): (16, 128, 16, 8, 4),
+    (1, True): (64, 64, 16, 8, 3),
+    (2, True): (64, 64, 16, 8, 3),
+    (3, True): (64, 64, 16, 8, 3),
+}
+INTERPRETER_TILES = (16, 16, 32, 4, 1)  # small numpy work per program
+INTERPRETER_GROUP_SPLITS, INTERPRETER_PROGRAMS = 2, 4  # grouped order (partial groups) and split reduction on CPU
 
-    `num_sms` is the GPU's SM count, or None for the interpreter, which gets small tiles (its numpy work per
-    program stays small) and a target of 4 programs so that the multi-split path is exercised on CPU too.
+
+def gemm_splits(row_blocks: int, width: int, block_n: int, sms: int, bucket: int) -> tuple[int, int]:
+    """(splits, granule) of a GEMM bucket: one BLOCK_N tile per split, except in the medium bucket when splits
+    of at most BLOCK_N columns (granule 8) can make the CTA count an exact multiple of the SMs without adding a
+    round of CTAs: then the last round is full (e.g. S = 512, H = 3584 on H100: 66 splits, 528 CTAs = 4 x 132,
+    instead of 56 splits, 448 CTAs = 3.4 rounds). Masked columns cost compute, never DRAM bytes."""
+    tiles = triton.cdiv(width, block_n)
+    if bucket == 2:
+        rounds = triton.cdiv(row_blocks * tiles, sms)
+        step = sms // math.gcd(row_blocks, sms)
+        splits = triton.cdiv(tiles, step) * step
+        if row_blocks * splits <= rounds * sms and splits <= triton.cdiv(width, GRANULE):
+            return splits, GRANULE
+    return tiles, block_n
+
+
+def gemm_group_splits(splits: int, block_s: int, block_n: int, row_bytes: int, gpu: GpuInfo) -> int:
+    """Splits per group: the most whose W1 tiles (block_n rows of W1 each), plus the row blocks of X that one SM
+    round touches (sms / group of them, plus 2 for the rounds that overlap), fit in L2_GROUP_FRACTION of L2;
+    then evened out over the groups that makes (H100, H = 5120: at most 28, so 80 splits become 27 + 27 + 26)."""
+    budget = L2_GROUP_FRACTION * gpu.l2_bytes
+    best = 1
+    for group in range(1, splits + 1):
+        if group * block_n * row_bytes + (gpu.sms // group + 2) * block_s * row_bytes <= budget:
+            best = group
+    groups = triton.cdiv(splits, best)
+    return triton.cdiv(splits, groups)
+
+
+def row_bucket(num_rows: int) -> int:
+    """0, 1, 2 or 3: the bucket of S that picks the constexpr tiles (at most four compiled variants)."""
+    return sum(num_rows > bound for bound in ROW_BUCKETS)
+
+
+def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.dtype, gpu: GpuInfo | None):
+    """Tiles by S bucket, schedule by shape and GPU.
+
+    Decode buckets (S <= 64: one row block) split W1's F columns over one program per SM (a multiple of the SM
+    count), in splits that differ by at most one granule of 8 columns; each program streams its split once, all
+    of it in one BLOCK_N tile when F / SMs <= BLOCK_N. GEMM buckets give each program one BLOCK_N tile of one row
+    block and visit them in grouped order (schedule.program_tile): groups of `group_splits` tiles of W1 stay in
+    L2 while all row blocks stream past, so W1 is read from DRAM once and X once per group. `gpu` None means the
+    interpreter, which gets small tiles, about four programs and groups of two splits.
     """
-    block_k = 32 if dtype == torch.float32 else 64
-    if num_rows <= 16:
-        block_s, block_n, warps, stages = 16, 32, 4, 4
-    elif num_rows <= 64:  # fp32 operands take twice the registers: a narrower tile avoids spills on sm_80
-        block_s, block_n, warps, stages = 64, 64 if dtype != torch.float32 else 32, 4, 3
+    bucket = row_bucket(num_rows)
+    fp32 = dtype == torch.float32
+    if gpu is None:
+        block_s, block_n, block_k, warps, stages = INTERPRETER_TILES
     else:
-        block_s, block_n, warps, stages = 128, 128 if dtype != torch.float32 else 64, 8, 3
-    if num_sms is None:
-        block_s, block_n, block_k = min(block_s, 16), min(block_n, 32), min(block_k, 32)
-    target_programs = 4 if num_sms is None else 2 * num_sms  # about two waves: W1's stream spread over all SMs
+        block_s, block_n, block_k, warps, stages = GPU_TILES[(bucket, fp32)]
     row_blocks = triton.cdiv(max(num_rows, 1), block_s)
-    col_tiles = triton.cdiv(width, block_n)
-    splits = max(1, min(col_tiles, triton.cdiv(target_programs, row_blocks)))
-    tiles_per_split = triton.cdiv(col_tiles, splits)
-    splits = triton.cdiv(col_tiles, tiles_per_split)
-    return ScoreConfig(block_s, block_n, block_k, splits, tiles_per_split * block_n, warps, stages)
+    if num_rows == 0:  # nothing to score: one program, no columns (no W1 traffic), writes the empty results
+        splits, granule, granules, group_splits = 1, block_n, 0, 1
+    elif gpu is None:
+        granule, group_splits = GRANULE, INTERPRETER_GROUP_SPLITS
+        granules = triton.cdiv(width, granule)
+        splits = max(1, min(granules, triton.cdiv(INTERPRETER_PROGRAMS, row_blocks)))
+    elif bucket <= 1:
+        granule, group_splits = GRANULE, 1
+        granules = triton.cdiv(width, granule)
+        splits = max(1, min(granules, gpu.sms // row_blocks))
+    else:
+        splits, granule = gemm_splits(row_blocks, width, block_n, gpu.sms, bucket)
+        granules = triton.cdiv(width, granule)
+        group_splits = gemm_group_splits(splits, block_s, block_n, hidden_size * dtype.itemsize, gpu)
+    # The split reduction's tile: fixed per bucket (2048 partials per step), so it never adds a variant.
+    split_tile = max(1, 2048 // block_s)
+    return ScoreConfig(block_s, block_n, block_k, splits, granule, group_splits, warps, stages, split_tile, bucket)
 
 
 def hidden_row_strides(hidden: torch.Tensor) -> tuple[int, int, int]:
@@ -218,7 +323,7 @@ def prepare_sprm_score(
     device = hidden.device
     num_rows, hidden_size, width = step_index.numel(), hidden.shape[-1], w1.shape[0]
     num_candidates = offsets.numel() - 1
-    cfg = config or pick_score_config(num_rows, hidden_size, width, hidden.dtype, device_sm_count(device))
+    cfg = config or pick_score_config(num_rows, hidden_size, width, hidden.dtype, device_gpu_info(device))
     score = torch.empty(num_candidates, dtype=torch.float32, device=device)
     log_score = torch.empty_like(score)
     num_steps = torch.empty(num_candidates, dtype=torch.int64, device=device)
@@ -226,7 +331,7 @@ def prepare_sprm_score(
     num_groups = num_candidates // group_size if group_size else 0
     best = torch.empty(num_groups, dtype=torch.int64, device=device) if group_size else None
     row_blocks = triton.cdiv(max(num_rows, 1), cfg.block_s)
-    partial = torch.empty(cfg.num_splits * num_rows if cfg.num_splits > 1 else 1, dtype=torch.float32, device=device)
+    partial = torch.empty(max(cfg.num_splits * num_rows, 1), dtype=torch.float32, device=device)
     log_prob = torch.empty(max(num_rows, 1), dtype=torch.float32, device=device)
     tickets = torch.zeros(row_blocks + 1, dtype=torch.int32, device=device)
     stride_hb, stride_ht, seq_len = hidden_row_strides(hidden)
@@ -239,11 +344,11 @@ def prepare_sprm_score(
         step_scores if step_scores is not None else log_prob,  # never written when not asked for
         log_score, score, num_steps,
         best if best is not None else num_steps,  # never written when not asked for
-        num_rows, hidden_size, width, num_candidates, group_size or 1, num_groups, cfg.cols_per_split,
+        num_rows, hidden_size, width, num_candidates, group_size or 1, num_groups,
+        row_blocks, cfg.num_splits, num_granules(cfg, num_rows, width), cfg.granule, cfg.group_splits, cfg.bucket,
     )  # fmt: skip
     meta = dict(
-        NUM_SPLITS=cfg.num_splits,
-        SPLIT_TILE=min(triton.next_power_of_2(cfg.num_splits), max(1, 4096 // cfg.block_s)),
+        SPLIT_TILE=cfg.split_tile,
         BLOCK_S=cfg.block_s,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -261,13 +366,20 @@ def prepare_sprm_score(
     return (score, log_score, num_steps, step_scores, best), grid_of(cfg, num_rows), args, meta
 
 
-def grid_of(cfg: ScoreConfig, num_rows: int) -> tuple[int, int]:
-    """(column splits, row blocks); one (all-masked) row block when there are no rows, so outputs are written."""
-    return cfg.num_splits, triton.cdiv(max(num_rows, 1), cfg.block_s)
+def num_granules(cfg: ScoreConfig, num_rows: int, width: int) -> int:
+    """W1's columns in granules of cfg.granule; 0 when there are no rows (the programs then skip the head)."""
+    return triton.cdiv(width, cfg.granule) if num_rows > 0 else 0
+
+
+def grid_of(cfg: ScoreConfig, num_rows: int) -> tuple[int]:
+    """One program per (row block, column split); one (all-masked) row block when there are no rows, so that the
+    outputs are written."""
+    return (cfg.num_splits * triton.cdiv(max(num_rows, 1), cfg.block_s),)
 
 
 def launch_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options):
     """One launch of the fused kernel. Arguments are validated by the caller (ops.sprm_score)."""
     outputs, grid, args, meta = prepare_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options)
-    sprm_score_kernel[grid](*args, **meta)
+    kernel, meta = maybe_autotuned(sprm_score_kernel, meta, reset_to_zero=("ticket_ptr",))
+    kernel[grid](*args, **meta)
     return outputs

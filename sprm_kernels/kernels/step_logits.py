@@ -1,10 +1,11 @@
 """logit[s] = w2 . relu(W1 h[idx[s]] + b1) + b2 for every gathered step row: the forward of `sprm_step_logits`.
 
 Shapes: hidden (N, H) or (B, T, H) with any row strides; step_index (S,); W1 (F, H), F = 2H; logits (S,) fp32.
-Grid (NUM_SPLITS, cdiv(S, BLOCK_S)) as in sprm_score: program (n, s) computes the partial logits of row block s
-over W1's column split n; the [S, F] activations stay in registers. With one split a program writes its logits
-directly. With several, the partials go to a [NUM_SPLITS, S] workspace, and the last program to arrive at row
-block s (one integer ticket per row block, so no spin-wait) adds them in split order: the same bits on every run.
+A 1-D grid of cdiv(S, BLOCK_S) * num_splits programs mapped to (row block s, column split n) by the grouped order
+of schedule.program_tile, tiles and schedule as in sprm_score: program (s, n) computes the partial logits of row
+block s over W1's column split n; the [S, F] activations stay in registers. The partials go to a [num_splits, S]
+workspace, and the last program to arrive at row block s (one integer ticket per row block, so no spin-wait)
+adds them in split order and writes the logits: the same bits on every run.
 """
 
 from __future__ import annotations
@@ -13,11 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .head import complete_row_block, gathered_row_offsets, head_partial_logit
-from .sprm_score import ScoreConfig, device_sm_count, hidden_row_strides, interpreting, pick_score_config
+from .autotune import maybe_autotuned
+from .head import complete_row_block, gathered_row_offsets, head_partial_logit, program_tile, split_columns
+from .sprm_score import (
+    ScoreConfig,
+    device_gpu_info,
+    grid_of,
+    hidden_row_strides,
+    interpreting,
+    num_granules,
+    pick_score_config,
+)
+
+LOGITS_RUNTIME_INTS = (
+    "seq_len", "S", "num_row_blocks", "num_splits", "num_granules", "granule", "group_splits", "tune_key",
+)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LOGITS_RUNTIME_INTS)
 def step_logits_kernel(
     hidden_ptr,
     stride_hb,  # stride between sequences ((B, T, H) layout); 0 for (N, H)
@@ -29,14 +43,18 @@ def step_logits_kernel(
     b1_ptr,
     w2_ptr,
     b2_ptr,
-    partial_ptr,  # [NUM_SPLITS, S] fp32 workspace (unused with one split)
-    ticket_ptr,  # [cdiv(S, BLOCK_S)] int32 counters, zero on entry (unused with one split)
+    partial_ptr,  # [num_splits, S] fp32 workspace
+    ticket_ptr,  # [cdiv(S, BLOCK_S)] int32 counters, zero on entry
     logits_ptr,  # [S] fp32 output
     S,
     H,
     F,
-    cols_per_split,
-    NUM_SPLITS: tl.constexpr,
+    num_row_blocks,
+    num_splits,
+    num_granules,
+    granule,
+    group_splits,
+    tune_key,  # the S bucket: only SPRM_AUTOTUNE=1 reads it (its cache key)
     SPLIT_TILE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -44,19 +62,17 @@ def step_logits_kernel(
     UPCAST: tl.constexpr,
     FP32_INPUTS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-
+    pid_s, pid_n = program_tile(tl.program_id(0), num_row_blocks, num_splits, group_splits)
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < S
     row_offset = gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht)
-    col_begin = pid_n * cols_per_split
+    col_begin, col_end = split_columns(pid_n.to(tl.int64), num_splits, num_granules, granule)
     partial = head_partial_logit(
         hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin,
-        tl.minimum(col_begin + cols_per_split, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
+        tl.minimum(col_end, F), H, BLOCK_S, BLOCK_N, BLOCK_K, UPCAST, FP32_INPUTS,
     )  # fmt: skip
     logit, row_block_done = complete_row_block(
-        partial, partial_ptr, ticket_ptr, b2_ptr, rows, row_mask, S, NUM_SPLITS, SPLIT_TILE, BLOCK_S
+        partial, partial_ptr, ticket_ptr, b2_ptr, pid_s, pid_n, rows, row_mask, S, num_splits, SPLIT_TILE, BLOCK_S
     )
     if row_block_done:
         tl.store(logits_ptr + rows, logit, mask=row_mask)
@@ -66,26 +82,23 @@ def prepare_step_logits(hidden, step_index, w1, b1, w2, b2, *, config: ScoreConf
     """Allocates the output and workspace; returns (logits, grid, args, meta) for one launch of the kernel."""
     device = hidden.device
     num_rows, hidden_size, width = step_index.numel(), hidden.shape[-1], w1.shape[0]
-    cfg = config or pick_score_config(num_rows, hidden_size, width, hidden.dtype, device_sm_count(device))
+    cfg = config or pick_score_config(num_rows, hidden_size, width, hidden.dtype, device_gpu_info(device))
     logits = torch.empty(num_rows, dtype=torch.float32, device=device)
     row_blocks = triton.cdiv(max(num_rows, 1), cfg.block_s)
-    if cfg.num_splits > 1:
-        partial = torch.empty(cfg.num_splits * num_rows, dtype=torch.float32, device=device)
-        tickets = torch.zeros(row_blocks, dtype=torch.int32, device=device)
-    else:  # never touched: NUM_SPLITS == 1 writes the logits directly
-        partial, tickets = logits, torch.empty(1, dtype=torch.int32, device=device)
+    partial = torch.empty(max(cfg.num_splits * num_rows, 1), dtype=torch.float32, device=device)
+    tickets = torch.zeros(row_blocks, dtype=torch.int32, device=device)
     stride_hb, stride_ht, seq_len = hidden_row_strides(hidden)
-    grid = (cfg.num_splits, row_blocks)
+    grid = grid_of(cfg, num_rows)
     args = (
         hidden, stride_hb, stride_ht, seq_len,
         step_index,
         w1, w1.stride(0), b1, w2, b2,
         partial, tickets, logits,
-        num_rows, hidden_size, width, cfg.cols_per_split,
+        num_rows, hidden_size, width,
+        row_blocks, cfg.num_splits, num_granules(cfg, num_rows, width), cfg.granule, cfg.group_splits, cfg.bucket,
     )  # fmt: skip
     meta = dict(
-        NUM_SPLITS=cfg.num_splits,
-        SPLIT_TILE=min(triton.next_power_of_2(cfg.num_splits), max(1, 4096 // cfg.block_s)),
+        SPLIT_TILE=cfg.split_tile,
         BLOCK_S=cfg.block_s,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -101,5 +114,6 @@ def launch_step_logits(hidden, step_index, w1, b1, w2, b2, *, config: ScoreConfi
     """One launch (none for S == 0). Arguments are validated by the caller (grad.sprm_step_logits)."""
     logits, grid, args, meta = prepare_step_logits(hidden, step_index, w1, b1, w2, b2, config=config)
     if logits.numel():
-        step_logits_kernel[grid](*args, **meta)
+        kernel, meta = maybe_autotuned(step_logits_kernel, meta, reset_to_zero=("ticket_ptr",))
+        kernel[grid](*args, **meta)
     return logits
