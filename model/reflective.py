@@ -26,7 +26,7 @@ from sprm_kernels.reference import PROB_EPS
 from .cache import keep_row, new_cache, take_rows
 from .head import SPRMHead
 from .sampling import sample_tokens
-from .tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
+from .tokens import LANGS, chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
 
 MODES = {"low": 2, "medium": 8, "high": 32}  # the paper's reasoning-effort modes: k candidates
 MAX_PADDING = 0.1  # share of a padded scoring batch's tokens that may be padding (see _length_batches)
@@ -117,6 +117,7 @@ class ReflectiveModel:
         resolve_backend(self.device, backend)  # fail now on a bad backend, not in the middle of a generation
         self.think_start_id, self.think_end_id = think_marker_ids(tokenizer)
         self.step_token_ids = step_token_ids(tokenizer, lang)
+        check_round_trip(tokenizer, (self.think_start_id, self.think_end_id), self.step_token_ids, lang)
         self.lang = lang
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = next(
