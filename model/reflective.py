@@ -337,8 +337,8 @@ class ReflectiveModel:
         _check_int("max_answer_tokens", max_answer_tokens, minimum=0)
         answer_temperature = temperature if answer_temperature is None else answer_temperature
         for name, value in (("temperature", temperature), ("answer_temperature", answer_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name}: expected a float >= 0 (0 is greedy), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}: expected a finite float >= 0 (0 is greedy), got {value!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
