@@ -238,6 +238,14 @@ class ReflectiveModel:
                 raise ValueError(
                     f"texts_or_token_ids: expected each item to be a text or a list of token ids, got {item!r:.80}"
                 )
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        for index, sequence in enumerate(sequences):
+            if sequence and not 0 <= min(sequence) <= max(sequence) < vocab_size:
+                bad = next(i for i in sequence if not 0 <= i < vocab_size)
+                raise ValueError(
+                    f"texts_or_token_ids: expected token ids in [0, {vocab_size}) (the model's vocabulary), "
+                    f"got {bad} in item {index}"
+                )
         return sequences, single
 
     def _resolve_packed(self, packed: bool | None) -> bool:

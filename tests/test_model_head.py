@@ -73,8 +73,9 @@ def test_pt_is_loaded_with_weights_only(tmp_path):
     state = collections.OrderedDict(reference_sequential().state_dict())
     state["3.bias"] = _NotATensor()  # an arbitrary pickled object is refused, never instantiated
     torch.save(state, tmp_path / "score_module.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"score_module.pt: expected a state dict .*weights_only=True") as caught:
         SPRMHead.from_pretrained(tmp_path)
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
 
 
 def test_bad_checkpoints_are_rejected_with_the_file_named(tmp_path):
