@@ -31,8 +31,8 @@ def _is_int(value) -> bool:
 
 
 def check_token_ids(step_token_ids, think_start_id, think_end_id) -> list[int]:
-    """The think marker ids: Python ints in int64's range; the step ids: a non-empty list (or 1-D integer tensor) of ints
-    in [0, 2**63) (a string is not a list of ids, nor is 1.7 an id). Returns the step ids as Python ints."""
+    """The think marker ids: Python ints in int64's range; the step ids: a non-empty list (or 1-D integer tensor)
+    of ints in [0, 2**63) (a string is not a list of ids, nor is 1.7 an id). Returns the step ids as Python ints."""
     for name, value in (("think_start_id", think_start_id), ("think_end_id", think_end_id)):
         if not isinstance(value, int) or isinstance(value, bool) or not INT64_MIN <= value <= INT64_MAX:
             _fail(name, "an int token id within int64's range", repr(value))
