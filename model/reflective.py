@@ -23,7 +23,7 @@ from torch import nn
 from sprm_kernels import StepScorer, resolve_backend, sprm_score, step_positions
 from sprm_kernels.reference import PROB_EPS
 
-from .cache import keep_row, new_cache, take_rows
+from .cache import cache_argument, keep_row, new_cache, take_rows
 from .head import SPRMHead
 from .sampling import sample_tokens
 from .tokens import LANGS, chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
@@ -124,6 +124,7 @@ class ReflectiveModel:
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )  # any id works: padded positions are never attended to by real ones nor scored
         self._last_logits_only = _last_logits_kwargs(model)
+        self._cache_argument = cache_argument(model)  # past_key_values or cache, as this transformers wants it
 
     @classmethod
     def from_pretrained(
@@ -364,7 +365,9 @@ class ReflectiveModel:
         with self._hook_penultimate(stop=False) as captured:
             prompt = torch.tensor([prompt_ids], device=self.device)
             cache = new_cache(self.model)
-            out = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, **self._last_logits_only)
+            out = self.model(
+                input_ids=prompt, **{self._cache_argument: cache}, use_cache=True, **self._last_logits_only
+            )
             features = captured["features"][0]
             prompt_step_probs = self._prompt_step_probs(prompt_ids, features, backend)
             # Rows of the prompt positions that a later marker could bring into the span (see _finalize_candidates).
@@ -501,7 +504,7 @@ class ReflectiveModel:
                 cache.batch_select_indices(torch.tensor(keep, device=device))
                 think.rows = [think.rows[row] for row in keep]
                 rows = torch.tensor(think.rows, device=device)
-            out = self.model(input_ids=token[rows][:, None], past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=token[rows][:, None], **{self._cache_argument: cache}, use_cache=True)
             think.decode_tokens += len(think.rows)
             logits, hidden = out.logits[:, -1], captured["features"][:, -1]
         if bar is not None:
@@ -567,7 +570,7 @@ class ReflectiveModel:
         input_ids = torch.tensor([pending], device=self.device)
         bar = _progress_bar(max_answer_tokens, "answer", progress)
         for _ in range(max_answer_tokens):
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=input_ids, **{self._cache_argument: cache}, use_cache=True)
             fed += input_ids.shape[1]
             token = sample(out.logits[:, -1])
             answer.append(int(token))

@@ -6,6 +6,8 @@ rule, streaming against batch scoring, the KV cache reuse for the answer, the ch
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -281,6 +283,17 @@ def test_generate_at_tiny_temperatures_and_top_p_matches_greedy(reflective):
         result = reflective.generate(PROMPT, **kwargs, **tiny_values)
         assert [c.token_ids for c in result.candidates] == [c.token_ids for c in greedy.candidates], tiny_values
         assert result.answer_token_ids == greedy.answer_token_ids
+
+
+def test_generate_and_score_emit_no_deprecation_warnings(reflective):
+    """transformers 5.24 deprecated `past_key_values=` for `cache=` (a FutureWarning on every generate): the cache
+    goes in under the name the installed version wants (`cache.cache_argument`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reflective.generate(PROMPT, k=2, max_think_tokens=6, max_answer_tokens=2, seed=0, backend="torch")
+        reflective.score(PROMPT)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
 
 
 @torch.inference_mode()
