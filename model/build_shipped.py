@@ -114,7 +114,7 @@ def train_policy(model, tokenizer, *, log=log_flushed) -> None:
 
 
 def step_features(rm, sequences: list[list[int]], batch_size: int = 256):
-    """(features [S, H] at the scored positions, CSR offsets [B+1]) of token sequences, by the SPEC 3 rule."""
+    """(features [S, H] at the scored positions, CSR offsets [B+1]) of token sequences (rule: docs/method.md §3)."""
     from sprm_kernels import step_positions
 
     rows, counts = [], []
@@ -137,8 +137,8 @@ def step_features(rm, sequences: list[list[int]], batch_size: int = 256):
 def within_problem_balanced(correct_per_problem: list[list[bool]], seed: int) -> torch.Tensor:
     """Indices (into the flattened rollouts) of as many right as wrong trajectories of each problem that has both.
 
-    Trained on all rollouts, both heads learned which problems are hard (SPEC 10), and within a problem they then
-    preferred the wrong trajectories whose dropped carries made the numbers look easy (best-of-32 0.18 with BCE,
+    Trained on all rollouts, both heads learned which problems are hard (docs/method.md §10), and within a problem they
+    then preferred the wrong trajectories whose dropped carries made the numbers look easy (best-of-32 0.18 with BCE,
     0.08 with SPR, against pass@1 0.54 on validation). Balanced within problems, difficulty predicts nothing."""
     rng = random.Random(seed)
     chosen, start = [], 0

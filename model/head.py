@@ -1,4 +1,4 @@
-"""The SPRM head: the reference's `nn.Sequential`, loadable from its `score_module.pt` as is (SPEC 2)."""
+"""The SPRM head: the reference's `nn.Sequential`, loadable from its `score_module.pt` as is (docs/method.md §2)."""
 
 from __future__ import annotations
 

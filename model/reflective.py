@@ -1,4 +1,5 @@
-"""`ReflectiveModel`: an HF causal LM, its tokenizer and an SPRM head, scoring and best-of-k generation (SPEC 3-5).
+"""`ReflectiveModel`: an HF causal LM, its tokenizer and an SPRM head; scoring and best-of-k generation
+(docs/method.md §3-5).
 
 Features are the output of decoder layer L-2 (HF `hidden_states[-2]`), captured by a forward hook, so no forward
 ever materialises all hidden states. `score` stops the forward right after that layer (the last layer and the LM
@@ -321,7 +322,7 @@ class ReflectiveModel:
         return_features: bool = False,
         answer_all: bool = False,
     ) -> GenerationResult:
-        """Best-of-k reflective generation (SPEC 1, 5).
+        """Best-of-k reflective generation (docs/method.md §1, §5).
 
         mode low / medium / high = k 2 / 8 / 32 (an explicit `k` overrides it). The chat template is applied to
         the prompt, which is prefilled once; k thinking rows are sampled as one batch (temperature, top_p), each
@@ -331,7 +332,7 @@ class ReflectiveModel:
 
         The choice: finished rows (that wrote `</think>`) rank above unfinished ones, then by score; NaN ranks
         below every score; ties go to the lowest index. A row that never closes its thinking keeps the score of
-        the steps it wrote (SPEC 3 with end = its length) and `finished=False`; it is chosen only when no row
+        the steps it wrote (docs/method.md §3 with end = its length) and `finished=False`; it is chosen only when no row
         finished, and then `</think>` is appended before the answer. Deterministic for a fixed `seed` (on one device
         and backend). temperature 0 makes the k rows identical.
 
@@ -419,8 +420,8 @@ class ReflectiveModel:
         )
 
     def _prompt_step_probs(self, prompt_ids, features, backend) -> dict[int, float]:
-        """Step probabilities at the prompt positions that the rule could score: rules 1-3 of SPEC 3 hold; rule 4
-        depends on markers the rows have not written yet. Usually empty (the prompt precedes `<think>`)."""
+        """Step probabilities at the prompt positions that the rule could score: rules 1-3 of docs/method.md §3
+        hold; rule 4 depends on markers the rows have not written yet. Usually empty (the prompt precedes `<think>`)."""
         step_ids = set(self.step_token_ids)
         positions = [
             t
@@ -442,9 +443,9 @@ class ReflectiveModel:
     ) -> _Thinking:  # fmt: skip
         """Sample k rows in lockstep. At step i every live row samples its token x[t+1] (t = len(prompt_ids) - 1 + i)
         from the logits of position t, whose layer L-2 state `hidden` came from the same forward: when x[t+1] is a
-        step token and the rule holds so far, that state is scored (SPEC 3 shift). With `prompt_features` (the
-        prefill's rows, by position), the states at every position where rules 1-3 hold are kept too: rule 4 can
-        still change when a later marker moves the span.
+        step token and the rule holds so far, that state is scored (the shift of docs/method.md §3). With
+        `prompt_features` (the prefill's rows, by position), the states at every position where rules 1-3 hold are
+        kept too: rule 4 can still change when a later marker moves the span.
 
         A row that closes its thinking leaves the batch with its KV rows moved to a cache of its own (needed only
         if it is chosen), so that later forwards process live rows only. The scorer keeps a fixed [k, H] shape."""
@@ -512,8 +513,8 @@ class ReflectiveModel:
         return think
 
     def _finalize_candidates(self, prompt_ids, think: _Thinking, prompt_step_probs, backend) -> list[Candidate]:
-        """Per-row results. The scored positions are recomputed by SPEC 3 on each final sequence; they match the
-        positions scored while streaming unless a marker written later moved the span (a second `<think>`, or
+        """Per-row results. The scored positions are recomputed by docs/method.md §3 on each final sequence; they
+        match the positions scored while streaming unless a marker written later moved the span (a second `<think>`, or
         markers in the prompt), and then the score is recomputed from the recorded step probabilities. Recorded
         features cover every position where rules 1-3 hold (prompt and thinking): they follow the final positions
         exactly in both cases."""
@@ -631,7 +632,8 @@ class _Thinking:
 
 
 class _ThinkSpan:
-    """Per-row `<think>` / `</think>` counts and first positions over prompt + tokens so far (SPEC 3 rule 4)."""
+    """Per-row `<think>` / `</think>` counts and first positions over prompt + tokens so far (docs/method.md §3,
+    rule 4)."""
 
     def __init__(self, prompt_ids, rows, start_id, end_id, device):
         self.start_id, self.end_id = start_id, end_id
@@ -661,7 +663,7 @@ def choose_best(scores: Sequence[float], finished: Sequence[bool]) -> int:
 
 
 def geometric_mean(probs: Sequence[float]) -> float:
-    """exp(mean log max(p, 1e-10)) in fp32 (SPEC 4); 0 without steps; NaN stays NaN."""
+    """exp(mean log max(p, 1e-10)) in fp32 (docs/method.md §4); 0 without steps; NaN stays NaN."""
     if not probs:
         return 0.0
     return torch.tensor(probs, dtype=torch.float32).clamp(min=PROB_EPS).log().mean().exp().item()

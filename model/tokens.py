@@ -1,4 +1,4 @@
-"""Token ids the scoring rule needs, taken from the tokenizer exactly as the reference server does (SPEC 3)."""
+"""Token ids the scoring rule needs, taken from the tokenizer as the reference server does (docs/method.md §3)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def reflective(request, tokenizer):
 
 
 def eager_score(model, head, tokenizer, ids: list[int]):
-    """SPEC 3-4 by the references, on HF's own `output_hidden_states[-2]`."""
+    """docs/method.md §3-4 by the references, on HF's own `output_hidden_states[-2]`."""
     input_ids = torch.tensor([ids])
     hidden = model(input_ids, output_hidden_states=True).hidden_states[-2]
     step_index, offsets = step_positions_reference(

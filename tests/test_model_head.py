@@ -31,7 +31,7 @@ def test_state_dict_layout_and_kernel_weights_match_the_reference_module():
     sequential = reference_sequential()
     head = SPRMHead.from_state_dict(sequential.state_dict()).eval()
     assert list(head.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
-    # W1 2H^2, b1 2H, W2 2H, b2 1 (SPEC 2 writes 3H, a typo; its totals in millions agree either way)
+    # W1 2H^2, b1 2H, W2 2H, b2 1 (2H^2 + 4H + 1, docs/method.md §2)
     assert head.hidden_size == H and sum(p.numel() for p in head.parameters()) == 2 * H * H + 4 * H + 1
     rows = torch.randn(5, H)
     torch.testing.assert_close(head(rows), sequential(rows))
