@@ -106,7 +106,7 @@ class StepwiseBias:
     tokens come from a pre-hook on the input embedding; the bias is added by a hook on the LM head."""
 
     def __init__(self, model, tokenizer, config: Config):
-        ids = tokenizer.convert_tokens_to_ids
+        ids = lambda text: tokenizer.encode(text, add_special_tokens=False)[0]  # " " is the vocabulary's "Ġ"
         think, answer = [ids(c) for c in THINK_CHARS], [ids(c) for c in ANSWER_CHARS]
         step, close, eos = ids(".\n\n"), ids("</think>"), tokenizer.eos_token_id
         probs = torch.zeros(2, model.config.vocab_size)

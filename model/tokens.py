@@ -66,7 +66,7 @@ def check_round_trip(tokenizer, think_ids: tuple[int, int], step_ids: list[int],
         )
     broken = [i for i in step_ids if not round_trips([i])] if lang == "zh" else []
     step_text = tokenizer.decode(step_ids[:1])
-    probe = f"{THINK_START}1 2{step_text}3\n4 {step_text}{THINK_END}"
+    probe = f"{THINK_START}1 2{step_text}3\n4{step_text}{THINK_END}"  # no " ." (some decoders clean it up)
     ids = tokenizer.encode(probe, add_special_tokens=False)
     if broken or tokenizer.decode(ids) != probe or not round_trips(ids):
         seen = tokenizer.decode(ids)

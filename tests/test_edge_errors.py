@@ -117,6 +117,7 @@ def test_bad_head_pt_files_are_named_with_their_key(tmp_path, state, match):
     assert str(tmp_path / "score_module.pt") in str(caught.value)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch, on the garbage that starts like a pickle
 @pytest.mark.parametrize("name", ["score_module.pt", "sprm_head.safetensors"])
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"\x80\x04\x95garbage", b"{" * 100])
 def test_corrupt_head_files_give_a_value_error_naming_the_file(tmp_path, name, content):
