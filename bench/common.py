@@ -22,7 +22,7 @@ CSV_COLUMNS = "kernel provider dtype S H metric p50 p20 p80 device_name timestam
 DEFAULT_CSV = Path(__file__).parent / "results" / "kernels.csv"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# SPEC 9: measured on an H100 of this workplace (device copy, bf16 GEMM).
+# docs/method.md §9: measured on an H100 of this workplace (device copy, bf16 GEMM).
 H100_COPY_BYTES_PER_S = 3.0e12
 H100_GEMM_FLOPS_PER_S = 798e12
 
@@ -206,12 +206,12 @@ def _stderr_silenced():
 
 
 def head_flops(rows: int, hidden_size: int) -> float:
-    """SPEC 9: 4*S*H^2 (the two layers' small terms left out)."""
+    """docs/method.md §9: 4*S*H^2 (the two layers' small terms left out)."""
     return 4.0 * rows * hidden_size**2
 
 
 def head_min_bytes(rows: int, hidden_size: int, element_size: int) -> float:
-    """SPEC 9: the gathered rows plus W1, read once: S*H*elt + 2*H^2*elt."""
+    """docs/method.md §9: the gathered rows plus W1, read once: S*H*elt + 2*H^2*elt."""
     return float(rows * hidden_size * element_size + 2 * hidden_size**2 * element_size)
 
 
@@ -221,7 +221,7 @@ class Roofline:
 
     bytes_per_s: float
     flops_per_s: float
-    source: str  # "spec9" (the H100 figures of SPEC 9) or "calibrated" (measured here at start-up)
+    source: str  # "spec9" (the H100 figures of docs/method.md §9) or "calibrated" (measured here at start-up)
 
     def floor_s(self, flops: float, nbytes: float) -> float:
         return max(nbytes / self.bytes_per_s, flops / self.flops_per_s)

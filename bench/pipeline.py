@@ -106,7 +106,7 @@ class StepwiseBias:
     tokens come from a pre-hook on the input embedding; the bias is added by a hook on the LM head."""
 
     def __init__(self, model, tokenizer, config: Config):
-        ids = tokenizer.convert_tokens_to_ids
+        ids = lambda text: tokenizer.encode(text, add_special_tokens=False)[0]  # " " is the vocabulary's "Ġ"
         think, answer = [ids(c) for c in THINK_CHARS], [ids(c) for c in ANSWER_CHARS]
         step, close, eos = ids(".\n\n"), ids("</think>"), tokenizer.eos_token_id
         probs = torch.zeros(2, model.config.vocab_size)
@@ -183,8 +183,9 @@ class Run:
 
 @contextlib.contextmanager
 def scoring_timers(totals: dict[str, float]):
-    """Times our in-decode scoring: `StepScorer.update` (the head on the k new rows) and the SPEC 3 span bookkeeping
-    (`_ThinkSpan.contains` / `observe`), by swapping timed subclasses into `model.reflective` for the block."""
+    """Times our in-decode scoring: `StepScorer.update` (the head on the k new rows) and the span bookkeeping of
+    docs/method.md §3 (`_ThinkSpan.contains` / `observe`), by swapping timed subclasses into `model.reflective` for
+    the block."""
     originals = {name: getattr(reflective_module, name) for name in ("StepScorer", "_ThinkSpan")}
 
     def timed(cls, methods, key):
@@ -613,8 +614,8 @@ def run(config: Config, *, csv_path=None, log: Callable[[str], None] = print) ->
         log("\nbest-of-k generation, per prompt (ours phases: prefill / think / select / answer; reference: "
             "generation / scoring / select)")  # fmt: skip
         log(pipeline_table(pipeline))
-        log("\nscoring share of ours (head = StepScorer.update, span = SPEC 3 rule bookkeeping, select phase) and "
-            "our candidates through the reference's scoring path")  # fmt: skip
+        log("\nscoring share of ours (head = StepScorer.update, span = docs/method.md §3 rule bookkeeping, select "
+            "phase) and our candidates through the reference's scoring path")  # fmt: skip
         log(breakdown_table(pipeline))
         rows += pipeline_rows(pipeline, config, stamp)
     if config.scoring:

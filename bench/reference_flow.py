@@ -1,9 +1,9 @@
-"""The public reference flow of best-of-k SPRM selection, kept as the pipeline benchmark's baseline (SPEC 1-5).
+"""The public reference flow of best-of-k SPRM selection, the pipeline benchmark's baseline (docs/method.md §1-5).
 
 1. generation: k complete responses (thinking and answer) sampled with HF `generate` from the prompt expanded
    to k rows (`num_return_sequences=k`), each row running until EOS or the token budget;
 2. scoring: one forward per response (prompt + response) with `output_hidden_states=True`, the step mask of
-   SPEC 3, the head on `hidden_states[-2]` at the masked positions, the geometric mean of the probabilities;
+   docs/method.md §3, the head on `hidden_states[-2]` at the masked positions, the geometric mean of the probabilities;
 3. select: the argmax of the k scores (ties: the lowest index).
 
 Where the public code is unknown or costlier, this baseline takes the cheaper choice: the scoring forwards pass
@@ -23,12 +23,12 @@ from torch import nn
 
 from sprm_kernels.model import SPRMHead, chat_prompt_ids, step_token_ids, think_marker_ids
 
-PROB_EPS = 1e-10  # SPEC 4: probabilities are clamped below at 1e-10 before the log
+PROB_EPS = 1e-10  # docs/method.md §4: probabilities are clamped below at 1e-10 before the log
 
 
 @dataclass(frozen=True)
 class StepRule:
-    """The token ids the SPEC 3 mask needs."""
+    """The token ids the docs/method.md §3 mask needs."""
 
     step_ids: tuple[int, ...]
     think_start_id: int
@@ -64,7 +64,7 @@ class ReferenceResult:
 
 def step_mask(input_ids: torch.Tensor, rule: StepRule) -> torch.Tensor:
     """[T] bool: position t is scored iff x[t+1] is a step token, x[t] is not, x[t] is not `<think>`, and
-    start < t < end (start / end: the single `<think>` / `</think>`, else 0 / T). SPEC 3, vectorised."""
+    start < t < end (start / end: the single `<think>` / `</think>`, else 0 / T). docs/method.md §3, vectorised."""
     length = input_ids.shape[0]
     is_step = torch.isin(input_ids, torch.tensor(rule.step_ids, device=input_ids.device))
     mask = torch.zeros(length, dtype=torch.bool, device=input_ids.device)

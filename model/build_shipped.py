@@ -25,7 +25,7 @@ from torch import nn
 
 from . import task
 from .head import SPRMHead
-from .tiny import CHAT_TEMPLATE, MARKERS, make_char_tokenizer
+from .tiny import CHAT_TEMPLATE, MARKERS, make_char_tokenizer, save_char_tokenizer
 
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 CHARS = list("0123456789+=? yn.\n")
@@ -49,6 +49,11 @@ EVAL_TEMPERATURE = 1.0  # the temperature the head was trained and evaluated at 
 def make_tokenizer():
     """tiny.make_char_tokenizer's layout with the task's characters (verdicts `y` / `n`, `?`)."""
     return make_char_tokenizer(MARKERS, CHAT_TEMPLATE, chars=CHARS)
+
+
+def save_tokenizer(path) -> None:
+    """The files of `make_tokenizer` (the same bytes whatever the transformers version)."""
+    save_char_tokenizer(path, MARKERS, CHAT_TEMPLATE, chars=CHARS)
 
 
 def make_policy(vocab_size: int, seed: int = 0):
@@ -109,7 +114,7 @@ def train_policy(model, tokenizer, *, log=log_flushed) -> None:
 
 
 def step_features(rm, sequences: list[list[int]], batch_size: int = 256):
-    """(features [S, H] at the scored positions, CSR offsets [B+1]) of token sequences, by the SPEC 3 rule."""
+    """(features [S, H] at the scored positions, CSR offsets [B+1]) of token sequences (rule: docs/method.md §3)."""
     from sprm_kernels import step_positions
 
     rows, counts = [], []
@@ -132,8 +137,8 @@ def step_features(rm, sequences: list[list[int]], batch_size: int = 256):
 def within_problem_balanced(correct_per_problem: list[list[bool]], seed: int) -> torch.Tensor:
     """Indices (into the flattened rollouts) of as many right as wrong trajectories of each problem that has both.
 
-    Trained on all rollouts, both heads learned which problems are hard (SPEC 10), and within a problem they then
-    preferred the wrong trajectories whose dropped carries made the numbers look easy (best-of-32 0.18 with BCE,
+    Trained on all rollouts, both heads learned which problems are hard (docs/method.md §10), and within a problem they
+    then preferred the wrong trajectories whose dropped carries made the numbers look easy (best-of-32 0.18 with BCE,
     0.08 with SPR, against pass@1 0.54 on validation). Balanced within problems, difficulty predicts nothing."""
     rng = random.Random(seed)
     chosen, start = [], 0
@@ -188,7 +193,7 @@ def train_head(features, offsets, correct, *, mode: str, trajectories=None, log=
 def save_folder(path, model, tokenizer, head: SPRMHead) -> None:
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(path)
     head.save_pretrained(path, save_pt=True)  # score_module.pt (published layout) + sprm_head.safetensors
     with open(os.path.join(path, "sprm_task.json"), "w") as f:
         json.dump(
@@ -219,7 +224,7 @@ def build(out: str = SHIPPED_DIR, *, policy_from: str | None = None, threads: in
         train_policy(model, tokenizer, log=log)
         os.makedirs(out, exist_ok=True)
         model.save_pretrained(out)  # the policy alone already (the heads follow)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(out)
     times["sft"] = time.time() - start
 
     rm = ReflectiveModel(model, tokenizer, SPRMHead(POLICY["hidden_size"]), backend="torch")

@@ -1,10 +1,17 @@
-"""The KV cache operations best-of-k needs, on `DynamicCache` (verified on transformers 4.45.2 and 5.23)."""
+"""The KV cache operations best-of-k needs, on `DynamicCache` (verified on transformers 4.45.2 and 5.24)."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
+
+
+def cache_argument(model) -> str:
+    """The forward's keyword for the KV cache: `cache` where the model's forward takes it (transformers 5.24+, which
+    warns that `past_key_values` is deprecated), else `past_key_values` (4.x and earlier 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def new_cache(model):

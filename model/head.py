@@ -1,4 +1,4 @@
-"""The SPRM head: the reference's `nn.Sequential`, loadable from its `score_module.pt` as is (SPEC 2)."""
+"""The SPRM head: the reference's `nn.Sequential`, loadable from its `score_module.pt` as is (docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -57,15 +57,22 @@ class SPRMHead(nn.Sequential):
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], *, source: str = "state_dict") -> SPRMHead:
         """A head with H read from `0.weight`; `source` names the file in error messages."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{source}: expected a state dict, got {type(state_dict).__name__}")
         missing = [key for key in STATE_KEYS if key not in state_dict]
         unexpected = sorted(set(state_dict) - set(STATE_KEYS))
         if missing or unexpected:
             raise ValueError(
                 f"{source}: expected exactly the keys {list(STATE_KEYS)}, missing {missing}, unexpected {unexpected}"
             )
+        for key in STATE_KEYS:
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{source}: expected {key} to be a floating-point tensor, got {got}")
         first = state_dict["0.weight"]
-        if first.dim() != 2 or first.shape[0] != 2 * first.shape[1]:
-            raise ValueError(f"{source}: expected 0.weight of shape [2H, H], got {tuple(first.shape)}")
+        if first.dim() != 2 or first.shape[1] < 1 or first.shape[0] != 2 * first.shape[1]:
+            raise ValueError(f"{source}: expected 0.weight of shape [2H, H] with H >= 1, got {tuple(first.shape)}")
         head = cls(first.shape[1])
         try:
             head.load_state_dict(state_dict)
@@ -86,13 +93,22 @@ class SPRMHead(nn.Sequential):
         if os.path.isfile(safetensors_path):
             from safetensors.torch import load_file
 
-            state_dict, source = load_file(safetensors_path, device="cpu"), safetensors_path
+            source, read = safetensors_path, lambda: load_file(safetensors_path, device="cpu")
         elif os.path.isfile(pt_path):
-            state_dict, source = torch.load(pt_path, map_location="cpu", weights_only=True), pt_path
+            source, read = pt_path, lambda: torch.load(pt_path, map_location="cpu", weights_only=True)
         else:
             raise FileNotFoundError(f"{directory}: expected {SAFETENSORS_NAME} or {PT_NAME} (the SPRM head)")
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"{source}: expected a state dict, got {type(state_dict).__name__}")
+        try:
+            state_dict = read()
+        except Exception as error:  # corrupt, truncated, a pickle of objects (refused by weights_only), unreadable
+            kind = (
+                "a safetensors file"
+                if source == safetensors_path
+                else "a state dict torch.load can read with weights_only=True (tensors only, no pickled objects)"
+            )
+            raise ValueError(
+                f"{source}: expected {kind}, could not read it: {type(error).__name__}: {error}"[:2000]
+            ) from error
         return cls.from_state_dict(state_dict, source=source).to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | os.PathLike, *, save_pt: bool = False) -> None:

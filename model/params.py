@@ -6,6 +6,7 @@ arguments to `generate`, which builds it), so that a bad value gets the same err
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .selection import check_int, resolve_k
@@ -32,8 +33,8 @@ class GenerationParams:
             value = getattr(self, name)
             if name == "answer_temperature" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name}: expected a float >= 0 (0 is greedy), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}: expected a finite float >= 0 (0 is greedy), got {value!r}")
         top_p = self.top_p
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")

@@ -1,4 +1,5 @@
-"""`ReflectiveModel`: an HF causal LM, its tokenizer and an SPRM head, scoring and best-of-k generation (SPEC 3-5).
+"""`ReflectiveModel`: an HF causal LM, its tokenizer and an SPRM head; scoring and best-of-k generation
+(docs/method.md §3-5).
 
 Features are the output of decoder layer L-2 (HF `hidden_states[-2]`), captured by a forward hook, so no forward
 ever materialises all hidden states. `score` stops the forward right after that layer (the last layer and the LM
@@ -22,13 +23,13 @@ from torch import nn
 
 from sprm_kernels import StepScorer, resolve_backend, sprm_score, step_positions
 
-from .cache import keep_row, new_cache, take_rows
+from .cache import cache_argument, keep_row, new_cache, take_rows
 from .engine import EngineInfo
 from .head import SPRMHead
 from .params import GenerationParams
 from .sampling import sample_tokens
 from .selection import MODES, choose_best, geometric_mean
-from .tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
+from .tokens import LANGS, chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
 from .types import Candidate, GenerationResult, GenerationStats, ScoreResult
 
 __all__ = ["MODES", "Candidate", "GenerationResult", "GenerationStats", "ReflectiveModel", "ScoreResult", "choose_best"]
@@ -72,12 +73,14 @@ class ReflectiveModel:
         resolve_backend(self.device, backend)  # fail now on a bad backend, not in the middle of a generation
         self.think_start_id, self.think_end_id = think_marker_ids(tokenizer)
         self.step_token_ids = step_token_ids(tokenizer, lang)
+        check_round_trip(tokenizer, (self.think_start_id, self.think_end_id), self.step_token_ids, lang)
         self.lang = lang
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )  # any id works: padded positions are never attended to by real ones nor scored
         self._last_logits_only = _last_logits_kwargs(model)
+        self._cache_argument = cache_argument(model)  # past_key_values or cache, as this transformers wants it
 
     @classmethod
     def from_pretrained(
@@ -226,6 +229,14 @@ class ReflectiveModel:
                 raise ValueError(
                     f"texts_or_token_ids: expected each item to be a text or a list of token ids, got {item!r:.80}"
                 )
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        for index, sequence in enumerate(sequences):
+            if sequence and not 0 <= min(sequence) <= max(sequence) < vocab_size:
+                bad = next(i for i in sequence if not 0 <= i < vocab_size)
+                raise ValueError(
+                    f"texts_or_token_ids: expected token ids in [0, {vocab_size}) (the model's vocabulary), "
+                    f"got {bad} in item {index}"
+                )
         return sequences, single
 
     def _resolve_packed(self, packed: bool | None) -> bool:
@@ -300,7 +311,7 @@ class ReflectiveModel:
         return_features: bool = False,
         answer_all: bool = False,
     ) -> GenerationResult:
-        """Best-of-k reflective generation (SPEC 1, 5).
+        """Best-of-k reflective generation (docs/method.md §1, §5).
 
         mode low / medium / high = k 2 / 8 / 32 (an explicit `k` overrides it). The chat template is applied to
         the prompt, which is prefilled once; k thinking rows are sampled as one batch (temperature, top_p), each
@@ -310,7 +321,7 @@ class ReflectiveModel:
 
         The choice: finished rows (that wrote `</think>`) rank above unfinished ones, then by score; NaN ranks
         below every score; ties go to the lowest index. A row that never closes its thinking keeps the score of
-        the steps it wrote (SPEC 3 with end = its length) and `finished=False`; it is chosen only when no row
+        the steps it wrote (docs/method.md §3 with end = its length) and `finished=False`; it is chosen only when no row
         finished, and then `</think>` is appended before the answer. Deterministic for a fixed `seed` (on one device
         and backend). temperature 0 makes the k rows identical.
 
@@ -336,7 +347,9 @@ class ReflectiveModel:
         with self._hook_penultimate(stop=False) as captured:
             prompt = torch.tensor([prompt_ids], device=self.device)
             cache = new_cache(self.model)
-            out = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, **self._last_logits_only)
+            out = self.model(
+                input_ids=prompt, **{self._cache_argument: cache}, use_cache=True, **self._last_logits_only
+            )
             features = captured["features"][0]
             prompt_step_probs = self._prompt_step_probs(prompt_ids, features, backend)
             # Rows of the prompt positions that a later marker could bring into the span (see _finalize_candidates).
@@ -388,8 +401,8 @@ class ReflectiveModel:
         )
 
     def _prompt_step_probs(self, prompt_ids, features, backend) -> dict[int, float]:
-        """Step probabilities at the prompt positions that the rule could score: rules 1-3 of SPEC 3 hold; rule 4
-        depends on markers the rows have not written yet. Usually empty (the prompt precedes `<think>`)."""
+        """Step probabilities at the prompt positions that the rule could score: rules 1-3 of docs/method.md §3
+        hold; rule 4 depends on markers the rows have not written yet. Usually empty (the prompt precedes `<think>`)."""
         step_ids = set(self.step_token_ids)
         positions = [
             t
@@ -411,9 +424,9 @@ class ReflectiveModel:
     ) -> _Thinking:  # fmt: skip
         """Sample k rows in lockstep. At step i every live row samples its token x[t+1] (t = len(prompt_ids) - 1 + i)
         from the logits of position t, whose layer L-2 state `hidden` came from the same forward: when x[t+1] is a
-        step token and the rule holds so far, that state is scored (SPEC 3 shift). With `prompt_features` (the
-        prefill's rows, by position), the states at every position where rules 1-3 hold are kept too: rule 4 can
-        still change when a later marker moves the span.
+        step token and the rule holds so far, that state is scored (the shift of docs/method.md §3). With
+        `prompt_features` (the prefill's rows, by position), the states at every position where rules 1-3 hold are
+        kept too: rule 4 can still change when a later marker moves the span.
 
         A row that closes its thinking leaves the batch with its KV rows moved to a cache of its own (needed only
         if it is chosen), so that later forwards process live rows only. The scorer keeps a fixed [k, H] shape."""
@@ -473,7 +486,7 @@ class ReflectiveModel:
                 cache.batch_select_indices(torch.tensor(keep, device=device))
                 think.rows = [think.rows[row] for row in keep]
                 rows = torch.tensor(think.rows, device=device)
-            out = self.model(input_ids=token[rows][:, None], past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=token[rows][:, None], **{self._cache_argument: cache}, use_cache=True)
             think.decode_tokens += len(think.rows)
             logits, hidden = out.logits[:, -1], captured["features"][:, -1]
         if bar is not None:
@@ -481,8 +494,8 @@ class ReflectiveModel:
         return think
 
     def _finalize_candidates(self, prompt_ids, think: _Thinking, prompt_step_probs, backend) -> list[Candidate]:
-        """Per-row results. The scored positions are recomputed by SPEC 3 on each final sequence; they match the
-        positions scored while streaming unless a marker written later moved the span (a second `<think>`, or
+        """Per-row results. The scored positions are recomputed by docs/method.md §3 on each final sequence; they
+        match the positions scored while streaming unless a marker written later moved the span (a second `<think>`, or
         markers in the prompt), and then the score is recomputed from the recorded step probabilities. Recorded
         features cover every position where rules 1-3 hold (prompt and thinking): they follow the final positions
         exactly in both cases."""
@@ -539,7 +552,7 @@ class ReflectiveModel:
         input_ids = torch.tensor([pending], device=self.device)
         bar = _progress_bar(max_answer_tokens, "answer", progress)
         for _ in range(max_answer_tokens):
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=input_ids, **{self._cache_argument: cache}, use_cache=True)
             fed += input_ids.shape[1]
             token = sample(out.logits[:, -1])
             answer.append(int(token))
@@ -600,7 +613,8 @@ class _Thinking:
 
 
 class _ThinkSpan:
-    """Per-row `<think>` / `</think>` counts and first positions over prompt + tokens so far (SPEC 3 rule 4)."""
+    """Per-row `<think>` / `</think>` counts and first positions over prompt + tokens so far (docs/method.md §3,
+    rule 4)."""
 
     def __init__(self, prompt_ids, rows, start_id, end_id, device):
         self.start_id, self.end_id = start_id, end_id

@@ -1,6 +1,8 @@
-"""Token ids the scoring rule needs, taken from the tokenizer exactly as the reference server does (SPEC 3)."""
+"""Token ids the scoring rule needs, taken from the tokenizer as the reference server does (docs/method.md §3)."""
 
 from __future__ import annotations
+
+import warnings
 
 LANGS = ("en", "zh")
 THINK_START, THINK_END = "<think>", "</think>"
@@ -40,6 +42,40 @@ def step_token_ids(tokenizer, lang: str = "en") -> list[int]:
 
 def _is_zh_step_text(text: str) -> bool:
     return len(text) <= 3 and any(char in text and len(text.replace(char, "")) <= 1 for char in ZH_STEP_CHARS)
+
+
+def check_round_trip(tokenizer, think_ids: tuple[int, int], step_ids: list[int], lang: str = "en") -> None:
+    """Decode then encode must give back the ids the scoring rule looks for, or text scoring (`score(text)`, the
+    server, the CLI) would find other steps than generation did.
+
+    Refuses (ValueError) when a think marker or an English step token does not survive `decode` then `encode`.
+    Warns (UserWarning) when a Chinese step token does not (a vocabulary may hold tokens its own encoder never
+    produces), and when ordinary text of digits, spaces and newlines does not: e.g. transformers 5 reading a
+    tokenizer.json that is not Qwen2's byte-level pipeline as a `Qwen2Tokenizer`, which then drops spaces."""
+
+    def round_trips(ids: list[int]) -> bool:
+        return tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) == ids
+
+    broken_markers = [tokenizer.decode([i]) for i in think_ids if not round_trips([i])]
+    if broken_markers or (lang == "en" and not round_trips(step_ids)):
+        raise ValueError(
+            f"tokenizer: expected {THINK_START!r}, {THINK_END!r} and the step token(s) {step_ids} to encode back to "
+            f"their ids after decoding; {broken_markers or [tokenizer.decode(step_ids)]} did not, so scoring a "
+            "decoded generation would score other positions (is the tokenizer folder written for another version "
+            "of transformers?)"
+        )
+    broken = [i for i in step_ids if not round_trips([i])] if lang == "zh" else []
+    step_text = tokenizer.decode(step_ids[:1])
+    probe = f"{THINK_START}1 2{step_text}3\n4{step_text}{THINK_END}"  # no " ." (some decoders clean it up)
+    ids = tokenizer.encode(probe, add_special_tokens=False)
+    if broken or tokenizer.decode(ids) != probe or not round_trips(ids):
+        seen = tokenizer.decode(ids)
+        warnings.warn(
+            f"tokenizer: decode then encode changes the ids (step tokens {broken}, {probe!r} -> {seen!r}): "
+            "scores of decoded text may differ from scores of the generated ids",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def chat_prompt_ids(tokenizer, prompt_or_messages) -> list[int]:

@@ -1,4 +1,5 @@
-"""Training the SPRM head on a frozen backbone (SPEC 6): rollouts, verifier labels, SPR loss, within-problem metrics.
+"""Training the SPRM head on a frozen backbone (docs/method.md §6): rollouts, verifier labels, SPR loss,
+within-problem metrics.
 
 1. `collect` samples k thinking rollouts per prompt with `ReflectiveModel.generate` and keeps the layer L-2 rows at
    the scored positions *as the decoding produced them* (`return_features=True`: no second forward), decodes every
@@ -7,8 +8,8 @@
 3. `train_head` fits an `SPRMHead` on them with AdamW and `spr_loss`, evaluates on held-out problems and writes
    checkpoints in the official layout (`score_module.pt` + `sprm_head.safetensors`).
 
-SPEC 10: a positive overall score gap or AUC proves nothing about selection (a head can learn which problems are
-hard). The metrics that matter are within a problem: the within-problem gap and AUC, and best-of-k accuracy
+docs/method.md §10: a positive overall score gap or AUC proves nothing about selection (a head can learn which
+problems are hard). The metrics that matter are within a problem: the within-problem gap and AUC, and best-of-k accuracy
 against a score-blind pick, pass@1 and the oracle (any correct). And watch the share of steps the SPR filter keeps
 (`kept_correct` / `kept_wrong`): a head whose logits all share one sign keeps the steps of one class only and
 drives the loss to 0 without learning anything (seen with a fresh head on small features).
@@ -272,7 +273,7 @@ def _csr(counts: list[int]) -> torch.Tensor:
 
 @dataclass
 class Metrics:
-    """Selection quality of a head on some problems' rollouts (trajectory score = geometric mean, SPEC 4).
+    """Selection quality of a head on some problems' rollouts (trajectory score = geometric mean, docs/method.md §4).
 
     score_correct / score_incorrect: mean score of the valid correct / wrong rollouts; gap: their difference.
     auc: ROC AUC of the score for correct against wrong valid rollouts, pooled over problems (ties count 1/2).

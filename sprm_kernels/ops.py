@@ -9,7 +9,7 @@ import torch
 from . import torch_ops
 from .dispatch import resolve_backend
 from .reference import SPRMScores
-from .validation import check_csr, check_group_size, check_head, check_hidden, check_tensor
+from .validation import check_csr, check_group_size, check_head, check_hidden, check_tensor, check_token_ids
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -17,14 +17,7 @@ INT_DTYPES = (torch.int32, torch.int64)
 def _check_step_position_args(input_ids, step_token_ids, think_start_id, think_end_id, attention_mask, cu_seqlens):
     check_tensor("input_ids", input_ids, dims=(1, 2), dtypes=INT_DTYPES)
     device = input_ids.device
-    for name, value in (("think_start_id", think_start_id), ("think_end_id", think_end_id)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: expected an int token id, got {value!r}")
-    if isinstance(step_token_ids, int) or not isinstance(step_token_ids, Iterable):
-        raise ValueError(f"step_token_ids: expected an iterable of int token ids, got {step_token_ids!r}")
-    step_ids = [int(i) for i in step_token_ids]
-    if not step_ids or min(step_ids) < 0:
-        raise ValueError(f"step_token_ids: expected at least one non-negative token id, got {step_ids}")
+    step_ids = check_token_ids(step_token_ids, think_start_id, think_end_id)
     if cu_seqlens is not None:
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids: expected packed shape [N] with cu_seqlens, got {tuple(input_ids.shape)}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
+
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # token ids are compared as int64
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -22,11 +26,38 @@ def check_tensor(name: str, value, *, dims=None, dtypes=None, device=None) -> No
         _fail(name, f"a tensor on {device} (the device of `hidden`)", value.device)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_token_ids(step_token_ids, think_start_id, think_end_id) -> list[int]:
+    """The think marker ids: Python ints in int64's range; the step ids: a non-empty list (or 1-D integer tensor)
+    of ints in [0, 2**63) (a string is not a list of ids, nor is 1.7 an id). Returns the step ids as Python ints."""
+    for name, value in (("think_start_id", think_start_id), ("think_end_id", think_end_id)):
+        if not isinstance(value, int) or isinstance(value, bool) or not INT64_MIN <= value <= INT64_MAX:
+            _fail(name, "an int token id within int64's range", repr(value))
+    if isinstance(step_token_ids, torch.Tensor):
+        if step_token_ids.dim() > 1 or step_token_ids.dtype.is_floating_point or step_token_ids.dtype.is_complex:
+            _fail("step_token_ids", "a list or 1-D integer tensor of token ids", repr(step_token_ids))
+        values = step_token_ids.tolist() if step_token_ids.dim() else [step_token_ids.item()]
+    elif isinstance(step_token_ids, (str, bytes)) or not isinstance(step_token_ids, Iterable):
+        _fail("step_token_ids", "a list of int token ids", repr(step_token_ids))
+    else:
+        values = list(step_token_ids)
+    if not values or not all(_is_int(value) and 0 <= value <= INT64_MAX for value in values):
+        _fail("step_token_ids", "at least one token id, each an int in [0, 2**63)", repr(values))
+    return [int(value) for value in values]
+
+
 def check_head(
     hidden_size: int, dtype: torch.dtype, device: torch.device, w1, b1, w2, b2, *, vector_dtypes=FLOAT_DTYPES
 ) -> int:
-    """Checks the nn.Linear layout W1 [F, H] (in `dtype`), b1 [F], W2 [1, F], b2 [1]; returns F (2H for SPRM)."""
-    check_tensor("w1", w1, dims=(2,), dtypes=(dtype,), device=device)
+    """Checks the nn.Linear layout W1 [F, H] (in `dtype`), b1 [F], W2 [1, F], b2 [1]; returns F (2H for SPRM).
+    W1 is checked against `vector_dtypes` first, so that a caller that takes `dtype` from W1 (StepScorer) blames
+    the weights, not the hidden states it later receives."""
+    check_tensor("w1", w1, dims=(2,), dtypes=vector_dtypes, device=device)
+    if w1.dtype != dtype:
+        _fail("w1", f"dtype {dtype} (the dtype of `hidden`)", w1.dtype)
     width = w1.shape[0]
     if w1.shape[1] != hidden_size:
         _fail("w1", f"shape [F, {hidden_size}] (H of `hidden`)", f"shape {tuple(w1.shape)}")

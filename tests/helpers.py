@@ -36,7 +36,7 @@ def random_csr(num_rows: int, steps_per_candidate: list[int], seed=0, device="cp
 
 
 def truth(hidden, step_index, offsets, w1, b1, w2, b2, group_size=None):
-    """SPEC 4 entirely in float64 on the (already rounded) inputs: the yardstick for every route and dtype."""
+    """docs/method.md §4 entirely in float64 on the (already rounded) inputs: the yardstick of every route, dtype."""
     as64 = [t.double().cpu() for t in (hidden, w1, b1, w2, b2)]
     return sprm_score_reference(
         as64[0], step_index.cpu(), offsets.cpu(), *as64[1:], group_size=group_size, return_step_scores=True

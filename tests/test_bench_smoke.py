@@ -54,7 +54,7 @@ def test_pipeline_benchmark_smoke(tmp_path):
 
 
 def test_reference_step_mask_matches_spec_reference():
-    """The reference flow's vectorised SPEC 3 mask against the project's one-token-at-a-time reference."""
+    """The reference flow's vectorised docs/method.md §3 mask against the project's one-token-at-a-time reference."""
     setup = pipeline.build(TINY, bias=False)
     for text in pipeline.synthetic_texts(setup, 6) + [
         "<think>1.\n\n.\n\n2.\n\n<think>3.\n\n</think>4.\n\n",

@@ -6,6 +6,8 @@ rule, streaming against batch scoring, the KV cache reuse for the answer, the ch
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -59,7 +61,7 @@ def reflective(request, tokenizer):
 
 
 def eager_score(model, head, tokenizer, ids: list[int]):
-    """SPEC 3-4 by the references, on HF's own `output_hidden_states[-2]`."""
+    """docs/method.md §3-4 by the references, on HF's own `output_hidden_states[-2]`."""
     input_ids = torch.tensor([ids])
     hidden = model(input_ids, output_hidden_states=True).hidden_states[-2]
     step_index, offsets = step_positions_reference(
@@ -245,6 +247,55 @@ def test_sampling_top_p_keeps_the_nucleus_and_greedy_is_argmax():
     assert int(sample_tokens(logits, temperature=0.0)) == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-38, 1e-30])
+def test_sampling_at_a_tiny_temperature_is_greedy(temperature):
+    """1e-300 is 0 in float32: logits / temperature overflowed to inf and NaN (multinomial refused them)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=gen) * 5
+    logits[0, 3] = 1e4  # a wide range, as real logits may have
+    for top_p in (1.0, 0.9):
+        assert torch.equal(
+            sample_tokens(logits, temperature=temperature, top_p=top_p, generator=gen), logits.argmax(-1)
+        )
+    tied = torch.tensor([[0.0, 2.0, 2.0, 1.0]] * 200)  # the limit of softmax(x / t): uniform over the tied maxima
+    assert set(sample_tokens(tied, temperature=temperature, generator=gen).tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-50, 1e-8])
+def test_sampling_with_a_tiny_top_p_keeps_the_top_token(top_p):
+    """top_p 1e-300 is 0 in float32: every token was dropped (a zero distribution, refused by multinomial)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 50, generator=gen)
+    for temperature in (0.6, 1.0, 100.0):
+        assert torch.equal(
+            sample_tokens(logits, temperature=temperature, top_p=top_p, generator=gen), logits.argmax(-1)
+        )
+
+
+def test_generate_at_tiny_temperatures_and_top_p_matches_greedy(reflective):
+    kwargs = dict(k=2, max_think_tokens=12, max_answer_tokens=4, seed=0, backend="torch")
+    greedy = reflective.generate(PROMPT, temperature=0.0, **kwargs)
+    for tiny_values in (
+        dict(temperature=1e-300),
+        dict(temperature=1.0, answer_temperature=1e-300, top_p=1e-300),
+        dict(temperature=1e-45, answer_temperature=5e-324),
+    ):
+        result = reflective.generate(PROMPT, **kwargs, **tiny_values)
+        assert [c.token_ids for c in result.candidates] == [c.token_ids for c in greedy.candidates], tiny_values
+        assert result.answer_token_ids == greedy.answer_token_ids
+
+
+def test_generate_and_score_emit_no_deprecation_warnings(reflective):
+    """transformers 5.24 deprecated `past_key_values=` for `cache=` (a FutureWarning on every generate): the cache
+    goes in under the name the installed version wants (`cache.cache_argument`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reflective.generate(PROMPT, k=2, max_think_tokens=6, max_answer_tokens=2, seed=0, backend="torch")
+        reflective.score(PROMPT)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
+
+
 @torch.inference_mode()
 def test_generate_and_score_on_the_triton_route(tokenizer):
     """The default backend of the test session: the Triton interpreter on CPU, compiled Triton on CUDA."""
@@ -330,6 +381,10 @@ def test_official_layout_loads_and_scores_like_the_sequential(tmp_path, tokenize
         (dict(max_think_tokens=0), "max_think_tokens"),
         (dict(max_answer_tokens=-1), "max_answer_tokens"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("inf")), "temperature: expected a finite float"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(answer_temperature=float("inf")), "answer_temperature: expected a finite float"),
+        (dict(top_p=float("nan")), "top_p"),
         (dict(top_p=0.0), "top_p"),
         (dict(seed="1"), "seed"),
         (dict(backend="cuda"), "backend"),

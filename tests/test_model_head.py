@@ -31,7 +31,7 @@ def test_state_dict_layout_and_kernel_weights_match_the_reference_module():
     sequential = reference_sequential()
     head = SPRMHead.from_state_dict(sequential.state_dict()).eval()
     assert list(head.state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
-    # W1 2H^2, b1 2H, W2 2H, b2 1 (SPEC 2 writes 3H, a typo; its totals in millions agree either way)
+    # W1 2H^2, b1 2H, W2 2H, b2 1 (2H^2 + 4H + 1, docs/method.md §2)
     assert head.hidden_size == H and sum(p.numel() for p in head.parameters()) == 2 * H * H + 4 * H + 1
     rows = torch.randn(5, H)
     torch.testing.assert_close(head(rows), sequential(rows))
@@ -73,8 +73,9 @@ def test_pt_is_loaded_with_weights_only(tmp_path):
     state = collections.OrderedDict(reference_sequential().state_dict())
     state["3.bias"] = _NotATensor()  # an arbitrary pickled object is refused, never instantiated
     torch.save(state, tmp_path / "score_module.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"score_module.pt: expected a state dict .*weights_only=True") as caught:
         SPRMHead.from_pretrained(tmp_path)
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
 
 
 def test_bad_checkpoints_are_rejected_with_the_file_named(tmp_path):

@@ -1,6 +1,6 @@
 """sprm_score: every route against float64 truth and against the eager reference run in the input dtype.
 
-Tolerances. The truth is SPEC 4 in float64 on the same (already rounded) inputs. Two bounds must hold:
+Tolerances. The truth is docs/method.md §4 in float64 on the same (already rounded) inputs. Two bounds must hold:
 - flash-attention's rule: the route's error is at most 2x the error of the eager reference in the input dtype
   (which, like the public implementation, runs the head in that dtype), plus a small floor;
 - fp32 accumulation: every route multiplies exactly-representable inputs and accumulates in fp32, so its error is

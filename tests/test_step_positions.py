@@ -1,4 +1,4 @@
-"""step_positions: every route equals the token-by-token reference of SPEC 3, which is pinned by hand examples."""
+"""step_positions: every route equals the token-by-token reference of docs/method.md §3, pinned by hand examples."""
 
 import pytest
 import torch
