@@ -6,7 +6,8 @@ CUDA: the fused Triton kernels, bf16 and fp16, timed with triton.testing.do_benc
 percentiles), against the eager reference, torch.compile of it, and `cublas_epilogue` (the best unfused
 PyTorch: one cuBLAS GEMM with b1 in its epilogue, ReLU in place, one GEMV, the per-candidate tail in fp32); the
 decode-time scorer also under CUDA graphs. The cuBLAS rows are code that has never run here (no GPU): not
-measured. The roofline floor is SPEC 9's H100 figures. CPU: the PyTorch path (backend="torch") in fp32 against the
+measured. The roofline floor is the H100 figures of docs/method.md §9. CPU: the PyTorch path (backend="torch")
+in fp32 against the
 same references, wall-clock timed; the roofline floor is this CPU's copy bandwidth and fp32 GEMM rate, measured
 at start-up. Shapes whose eager reference would need more than --max-gb or take longer than --max-call-s per
 call (estimated from the floor) are skipped and listed. Results are appended to a tidy CSV (see bench.common).

@@ -1,4 +1,5 @@
-"""SPR loss (SPEC 6): loss = sum_i w_i c_i BCE(s_i, y_i) / (sum_i w_i c_i + 1e-5), w_i = [s_i > 0 iff y_i = 1].
+"""SPR loss: loss = sum_i w_i c_i BCE(s_i, y_i) / (sum_i w_i c_i + 1e-5), w_i = [s_i > 0 iff y_i = 1] (docs/method.md
+§6).
 
 Shapes: step_logits (S,) in CSR order, offsets (B+1,) int64, correct (B,), valid (B,) or None. Step i of candidate
 b has label y_i = correct[b]. The agreement filter w_i keeps the steps whose current verdict (sigmoid(s_i) > 0.5,
@@ -33,7 +34,7 @@ class SPRLossDetails:
 
     weights:     [S] weight of each step in numerator and denominator: [kept] * (pos_weight or neg_weight).
     kept:        [S] bool, the step teaches: it belongs to a valid candidate and (mode "spr") agrees with it.
-    num_pos:     kept steps of correct candidates (P - 1 in SPEC 6).
+    num_pos:     kept steps of correct candidates (P - 1 in docs/method.md §6).
     num_neg:     kept steps of wrong candidates (N - 1).
     pos_weight:  weight of a kept step of a correct candidate: positive_factor * N / (P + N), or 1 unbalanced.
     neg_weight:  weight of a kept step of a wrong candidate: P / (P + N), or 1 unbalanced.
@@ -173,7 +174,7 @@ def spr_loss(
     positive_factor: float = 1.5,
     return_details: bool = False,
 ):
-    """The SPR loss of SPEC 6 over S step logits of B candidates: a scalar (fp32; fp64 for fp64 logits).
+    """The SPR loss of docs/method.md §6 over S step logits of B candidates: a scalar (fp32; fp64 for fp64 logits).
 
     step_logits [S] (any float dtype; e.g. from `sprm_step_logits`), offsets [B+1] int64 CSR, correct [B] (bool or
     0/1: the final answer is right), valid [B] (bool or 0/1; None: all valid; invalid candidates are left out).
@@ -206,7 +207,7 @@ def spr_loss_reference(
     positive_factor: float = 1.5,
     return_details: bool = False,
 ):
-    """SPEC 6 as the public training code writes it, in eager PyTorch with autograd (float64-capable).
+    """docs/method.md §6 as the public training code writes it, in eager PyTorch with autograd (float64-capable).
 
     get_filter_mask, BCEWithLogitsLoss(reduction="none"), pos/neg masks, counts + 1, weights, and
     (loss * weights).sum() / (weights.sum() + 1e-5); the steps of invalid candidates are dropped from the sum.

@@ -56,7 +56,7 @@ def step_positions(
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows to score by SPEC 3, as (step_index [S] int64, offsets [B+1] int64).
+    """Rows to score by docs/method.md §3, as (step_index [S] int64, offsets [B+1] int64).
 
     `input_ids` is padded [B, T] (optional `attention_mask`, left or right padding; padding never scores) or
     packed [N] with `cu_seqlens` [B+1]. `step_index` holds flat row indices in the flattening of the hidden
@@ -88,7 +88,7 @@ def sprm_score(
     return_step_scores: bool = False,
     backend: str | None = None,
 ) -> SPRMScores:
-    """SPRM scores of B candidates from the hidden states at their step rows (SPEC 4, 7).
+    """SPRM scores of B candidates from the hidden states at their step rows (docs/method.md §4, §7).
 
     hidden [N, H] or [B, T, H] (any row strides, unit last stride; bf16, fp16 or fp32); step_index [S] int64
     flat rows; offsets [B+1] int64 CSR; W1 [F, H] in hidden's dtype, b1 [F], W2 [1, F], b2 [1] (F = 2H).

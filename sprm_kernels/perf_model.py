@@ -51,7 +51,7 @@ class Gpu:
     overhead_s: float = 3.0e-6  # launch, ramp-up and the ticket tail of one launch
 
 
-# SPEC 9 (H100, measured here) and the A100-80GB figures; L2 and SMs from the data sheets.
+# docs/method.md §9 (H100, measured in this workplace) and the A100-80GB figures; L2 and SMs from the data sheets.
 GPUS = {
     90: Gpu("H100-SXM", 90, 132, 50 * MIB, 3.0e12, 798e12, 67e12, 227 * 1024),
     80: Gpu("A100-80GB", 80, 108, 40 * MIB, 1.8e12, 280e12, 19.5e12, 163 * 1024),

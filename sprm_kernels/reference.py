@@ -1,6 +1,6 @@
 """Eager PyTorch references: the ground truth for tests and the baseline for benchmarks.
 
-They follow SPEC sections 3 and 4 line by line and favour readability over speed:
+They follow docs/method.md §3 and §4 line by line and favour readability over speed:
 `step_positions_reference` loops over tokens in Python, `sprm_score_reference` runs the head in the
 hidden states' own dtype (as the public implementation's `nn.Sequential` does) and casts its output to
 float before the sigmoid.
@@ -61,7 +61,7 @@ def step_positions_reference(
     attention_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3, one token at a time. Returns (step_index [S] int64, offsets [B+1] int64).
+    """docs/method.md §3, one token at a time. Returns (step_index [S] int64, offsets [B+1] int64).
 
     Padding (attention_mask == 0) is never scored and never serves as the step token after a position;
     the defaults for a missing or repeated marker are the first real position and one past the last
@@ -140,7 +140,7 @@ def sprm_score_reference(
     group_size: int | None = None,
     return_step_scores: bool = False,
 ) -> SPRMScores:
-    """SPEC 4 in eager PyTorch: head on gathered rows, sigmoid in fp32, clamp 1e-10, log, mean, exp, argmax."""
+    """docs/method.md §4 in eager PyTorch: head on the gathered rows, sigmoid in fp32, clamp, log, mean, exp, argmax."""
     rows = gather_rows(hidden, step_index)
     logits = F.linear(F.relu(F.linear(rows, w1, b1)), w2, b2).squeeze(-1)  # the head, in the input dtype
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # "cast to float" (fp64 stays fp64)

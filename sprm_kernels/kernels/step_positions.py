@@ -1,4 +1,4 @@
-"""scored(t) = step(x[t+1]) & !step(x[t]) & x[t] != <think> & start < t < end  (SPEC 3), as CSR row indices.
+"""scored(t) = step(x[t+1]) & !step(x[t]) & x[t] != <think> & start < t < end  (docs/method.md §3), as CSR rows.
 
 Shapes: input_ids (B, T) with an optional attention_mask (B, T), or packed (N,) with cu_seqlens (B+1,).
 One program per candidate. `step_positions_count_kernel` finds the marker bounds and counts the scored
