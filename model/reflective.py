@@ -465,7 +465,9 @@ class ReflectiveModel:
             is_step = could_score & span.contains(position)  # rule 4, with the markers written so far
             if think.features is not None:
                 think.record_features(position, features, could_score)
-            think.step_probs[:, i] = scorer.update(features, is_step)
+            # Only rows where rules 1-3 hold need a probability (the exact positions are among them): a step with
+            # no such row skips the head (no W1 traffic); the others read NaN, never used.
+            think.step_probs[:, i] = scorer.update(features, is_step, want_prob=could_score)
             think.flagged[:, i] = is_step
             think.tokens[:, i] = token
             think.lengths += live
