@@ -309,13 +309,9 @@ def search(
         think_decode_tokens=run.fed,
         think_generated_tokens=run.sampled,
         answer_decode_tokens=answer_fed,
-        seconds={
-            "think": think_seconds,
-            "answer": answer_seconds,
-            "forward": run.forward_seconds,
-            "rounds": float(rounds),
-            "padded_rows": float(run.padded),
-        },  # fmt: skip
+        seconds={"think": think_seconds, "answer": answer_seconds, "forward": run.forward_seconds},
+        padded_decode_tokens=run.padded,
+        rounds=rounds,
     )
     return GenerationResult(
         candidates=candidates,

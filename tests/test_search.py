@@ -1,6 +1,7 @@
 """Step-level search (beam, DVTS) on the HF engine: forked rows continue exactly as unforked ones, the rule and the
 choice are generate's, bad input is refused before any work."""
 
+import json
 import math
 
 import pytest
@@ -37,7 +38,7 @@ def test_forked_rows_with_holes_score_like_an_unforked_forward(random_rm, method
     """Every finished beam went through forks and masked waits; its step scores must equal a plain forward over its
     final ids (same positions; fp32: the attention sums run over more, masked, keys)."""
     result = random_rm.search("4+5=", method=method, beam_width=3, expansions=3, seed=1, **SAMPLING)
-    assert result.stats.seconds["padded_rows"] > 0  # rows did wait: their KV has holes
+    assert result.stats.padded_decode_tokens > 0  # rows did wait: their KV has holes
     assert any(len(c.score_positions) >= 2 for c in result.candidates)
     rescored = random_rm.score(
         [result.prompt_token_ids + c.token_ids for c in result.candidates], return_all_scores=True
@@ -66,7 +67,7 @@ def test_answer_from_forked_cache_equals_greedy_reprefill(random_rm):
     result = rm.search(
         "4+5=", beam_width=2, expansions=3, seed=3, answer_temperature=0.0, **dict(SAMPLING, max_answer_tokens=12)
     )
-    assert result.stats.seconds["padded_rows"] > 0
+    assert result.stats.padded_decode_tokens > 0
     chosen = result.candidates[result.best]
     ids = torch.tensor([result.prompt_token_ids + chosen.token_ids + ([] if chosen.finished else [rm.think_end_id])])
     answer = []
@@ -92,7 +93,7 @@ def test_pruned_rows_tokens_are_counted(random_rm):
     """Every sampled thinking token counts, pruned rows' too: with two survivors of six rows per round, the rows
     sample more tokens than the finished beams hold together."""
     result = random_rm.search("4+5=", method="beam", beam_width=2, expansions=3, seed=2, **SAMPLING)
-    assert result.stats.seconds["rounds"] >= 2
+    assert result.stats.rounds >= 2
     assert result.stats.think_generated_tokens > sum(len(c.token_ids) for c in result.candidates)
 
 
@@ -150,3 +151,27 @@ def test_survivors_rank_by_score_nan_last_ties_lowest(rm):
 def test_bad_search_arguments_are_named(rm, kwargs, match):
     with pytest.raises(ValueError, match=match):
         rm.search(PROMPT, **kwargs)
+
+
+def test_cli_generate_search_prints_the_search(capsys):
+    from sprm_kernels.model.cli import main
+
+    argv = ["generate", PROMPT, "--search", "dvts", "--beam-width", "2", "--expansions", "2", "--seed", "0",
+            "--max-think-tokens", "60", "--max-answer-tokens", "3", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["rounds"] >= 1 and len(out["candidates"]) >= 2
+    assert main(["generate", PROMPT, "--search", "beam", "--k", "4"]) == 2
+    assert "--search" in capsys.readouterr().err
+
+
+def test_compute_view_goals_from_hand_made_rows():
+    """Best-of-8 reaches 0.8 with 800 tokens; beam reaches 0.8 at 400 tokens (50%) and lies above the interpolated
+    best-of-k curve at 2 of its 3 budgets (at 100 tokens it is below: 0.3 < 0.5)."""
+    from sprm_kernels.model.compute_eval import goals
+
+    rows = [{"method": "sprm", "budget": f"k={k}", "tokens": 100.0 * k, "accuracy": a}
+            for k, a in ((1, 0.5), (2, 0.6), (4, 0.7), (8, 0.8))]  # fmt: skip
+    rows += [{"method": "beam", "budget": f"B={b}", "tokens": t, "accuracy": a}
+             for b, t, a in ((1, 100.0, 0.3), (2, 200.0, 0.7), (4, 400.0, 0.85))]  # fmt: skip
+    assert goals(rows) == {"beam": {"tokens_share_to_reach_best_of_8": 0.5, "budgets_above_best_of_k": 2}}
