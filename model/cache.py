@@ -54,3 +54,23 @@ def take_rows(cache, rows: list[int]):
         taken.key_cache, taken.value_cache = list(cache.key_cache), list(cache.value_cache)
     taken.batch_select_indices(torch.tensor(rows))
     return taken
+
+
+def compact_row(cache, row: int, keep: torch.Tensor):
+    """A new one-row cache holding row `row` of `cache` at sequence positions `keep` only (in order): the KV of a
+    row whose masked holes (search: padding while it waited) are dropped, so it continues like a row without them.
+    Full-attention caches only (a sliding-window layer's positions are not its slots)."""
+    taken = take_rows(cache, [row])
+    layers = taken.layers if hasattr(taken, "layers") else None
+    if layers is not None:
+        for layer in layers:
+            if getattr(layer, "is_sliding", False):
+                raise ValueError("cache: search needs full-attention layers (this model has sliding-window layers)")
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+    else:
+        taken.key_cache = [k[:, :, keep] for k in taken.key_cache]
+        taken.value_cache = [v[:, :, keep] for v in taken.value_cache]
+        if hasattr(taken, "_seen_tokens"):
+            taken._seen_tokens = int(keep.numel())
+    return taken

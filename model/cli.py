@@ -82,6 +82,8 @@ def generation_json(result, *, token_ids: bool = False) -> dict:
             "think_generated_tokens": stats.think_generated_tokens,
             "answer_decode_tokens": stats.answer_decode_tokens,
             "total_tokens": stats.total_tokens,
+            "padded_decode_tokens": stats.padded_decode_tokens,
+            "rounds": stats.rounds,
             "seconds": stats.seconds,
         },
     }
@@ -159,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.6")
     generate.add_argument("--top-p", type=float, default=None, help="default: the model's, else 0.95")
     generate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    generate.add_argument(
+        "--search", choices=["beam", "dvts"], default=None,
+        help="step-level search guided by the step scores instead of best-of-k (hf engine)",
+    )  # fmt: skip
+    generate.add_argument("--beam-width", type=positive_int, default=4, help="--search: beams / subtrees (default 4)")
+    generate.add_argument("--expansions", type=positive_int, default=2, help="--search: children per beam (default 2)")
 
     score = commands.add_parser("score", help='score a JSONL file of {"text", "return_all_scores"} lines ("-": stdin)')
     score.add_argument("file", metavar="FILE.jsonl")
@@ -239,11 +247,18 @@ def run_generate(args) -> int:
     check_generation_fits(model, args.question, max_think, max_answer)
     temperature = args.temperature if args.temperature is not None else model_sampling(args.model, "temperature", 0.6)
     top_p = args.top_p if args.top_p is not None else model_sampling(args.model, "top_p", 0.95)
+    options = dict(seed=args.seed, max_think_tokens=max_think, max_answer_tokens=max_answer, temperature=temperature,
+                   top_p=top_p)  # fmt: skip
+    if args.search and not hasattr(model, "search"):
+        raise UsageError(f"--search: the {args.engine} engine has no step-level search (use --engine hf)")
+    if args.search and (args.mode or args.k):
+        raise UsageError("--search: the batch is --beam-width x --expansions rows; --mode and --k do not apply")
     try:
-        result = model.generate(
-            args.question, mode=args.mode or "medium", k=args.k, seed=args.seed, max_think_tokens=max_think,
-            max_answer_tokens=max_answer, temperature=temperature, top_p=top_p,
-        )  # fmt: skip
+        if args.search:
+            result = model.search(args.question, method=args.search, beam_width=args.beam_width,
+                                  expansions=args.expansions, **options)  # fmt: skip
+        else:
+            result = model.generate(args.question, mode=args.mode or "medium", k=args.k, **options)
     except ValueError as error:  # e.g. a temperature or top_p out of range
         raise UsageError(str(error)) from None
     if args.json:
@@ -311,10 +326,11 @@ def describe_generation(result) -> str:
         )
     stats = result.stats
     timings = ", ".join(f"{phase} {1000 * seconds:.1f} ms" for phase, seconds in stats.seconds.items())
+    searched = f", {stats.think_generated_tokens} thinking tokens sampled in {stats.rounds} search rounds"
     lines += [
         f"chosen: candidate {result.best} (score {result.candidates[result.best].score:.4f})",
         f"answer: {result.answer!r}",
-        f"timings: {timings}; {stats.total_tokens} tokens through the model",
+        f"timings: {timings}; {stats.total_tokens} tokens through the model" + (searched if stats.rounds else ""),
     ]
     return "\n".join(lines)
 

@@ -269,9 +269,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bce-head", default=None, help="folder of a BCE head (default: MODEL/bce_head)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", default=None, help="write accuracy against log2 k to this PNG")
+    parser.add_argument(
+        "--search", default=None, metavar="beam,dvts",
+        help="the compute view: best-of-k and voting against these step-level searches, accuracy against decoded "
+        "thinking tokens (--ks up to 16 is plenty; --plot draws it)",
+    )  # fmt: skip
+    parser.add_argument("--widths", default="1,2,4", help="--search: beam widths / DVTS subtrees (default 1,2,4)")
+    parser.add_argument("--expansions", type=int, default=2, help="--search: children per beam (default 2)")
+    parser.add_argument("--difficulty", type=int, default=None, help="terms per problem (default: the model's)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.search:
+        return _run_compute_view(args)
     result = evaluate(
         args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], seed=args.seed,
         bce_head_dir=args.bce_head, progress=not args.json, engine=args.engine,
@@ -279,6 +289,26 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def _run_compute_view(args: argparse.Namespace) -> int:
+    from .compute_eval import compute_view
+    from .compute_eval import format_table as compute_table
+    from .compute_eval import plot as compute_plot
+
+    methods = tuple(m.strip() for m in args.search.split(","))
+    if not methods or any(m not in ("beam", "dvts") for m in methods):
+        print(f"sprm eval: error: --search: expected beam, dvts or beam,dvts, got {args.search!r}", file=sys.stderr)
+        return 2
+    result = compute_view(
+        args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], widths=[int(w) for w in args.widths.split(",")],
+        expansions=args.expansions, search_methods=methods, seed=args.seed, difficulty=args.difficulty,
+        progress=not args.json,
+    )  # fmt: skip
+    if args.plot:
+        compute_plot([result], args.plot)
+    print(json.dumps(result, indent=1) if args.json else compute_table(result))
     return 0
 
 

@@ -400,6 +400,14 @@ class ReflectiveModel:
             stats=stats,
         )
 
+    def search(self, prompt_or_messages, **options) -> GenerationResult:
+        """Step-level beam search or DVTS guided by the streaming step scores, with KV forking (`search.search`:
+        method="beam" | "dvts", beam_width, expansions, aggregate="mean" | "last" | "min", and generate's
+        sampling options). Returns the same `GenerationResult` as `generate`; candidates are the finished beams."""
+        from .search import search
+
+        return search(self, prompt_or_messages, **options)
+
     def _prompt_step_probs(self, prompt_ids, features, backend) -> dict[int, float]:
         """Step probabilities at the prompt positions that the rule could score: rules 1-3 of docs/method.md §3
         hold; rule 4 depends on markers the rows have not written yet. Usually empty (the prompt precedes `<think>`)."""
@@ -705,7 +713,7 @@ def _masks_packed_sequences() -> bool:
     return True
 
 
-def _progress_bar(total: int, description: str, enabled: bool):
+def _progress_bar(total: int | None, description: str, enabled: bool):
     if not enabled or total == 0:
         return None
     try:

@@ -42,7 +42,9 @@ class GenerationStats:
     think_decode_tokens: int  # rows through the model in thinking decode forwards (live rows only)
     think_generated_tokens: int  # thinking tokens the k rows actually wrote
     answer_decode_tokens: int  # tokens through the model in the answer phase
-    seconds: dict[str, float] = field(default_factory=dict)  # prefill, think, select, answer
+    seconds: dict[str, float] = field(default_factory=dict)  # prefill, think, select, answer (search: forward)
+    padded_decode_tokens: int = 0  # search: masked padding rows in decode forwards (rows waiting at a step)
+    rounds: int = 0  # search: steps of the search (one selection each)
 
     @property
     def total_tokens(self) -> int:

@@ -1,0 +1,171 @@
+"""`sprm eval --compute`: accuracy against decoded thinking tokens, best-of-k and voting against step-level search.
+
+Every method answers the same held-out problems of the shipped task. Best-of-k, majority and SPRM-weighted voting
+use k candidates sampled once (`evaluate.sample_candidates`, k-subsets of k_max, as in `sprm eval`); their cost at
+k is k times the mean thinking length. Beam search and DVTS (`search.search`) run per problem and budget (beam
+width B, E children per survivor); their cost is every thinking token they sampled, pruned rows included. The
+answer is the last step's sum of the chosen thinking for every method (the task makes it a function of the
+thinking), so no answer tokens are counted anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import task
+from .evaluate import _ci95, sample_candidates, selection_metrics
+
+VOTE_METHODS = ("sprm", "majority", "sprm_vote")  # best-of-k family drawn from the same samples
+NAMES = {"sprm": "SPRM best-of-k", "majority": "majority vote", "sprm_vote": "SPRM-weighted vote",
+         "beam": "beam search", "dvts": "DVTS"}  # fmt: skip
+
+
+def think_budget(difficulty: int) -> int:
+    """Thinking tokens a trace of `difficulty` terms needs (12 per step + `</think>`), with room for a slip."""
+    return 12 * (difficulty - 1) + 12
+
+
+def compute_view(
+    model_dir: str | None = None,
+    *,
+    n: int = 100,
+    ks=(1, 2, 4, 8, 16),
+    widths=(1, 2, 4),
+    expansions: int = 2,
+    search_methods=("beam", "dvts"),
+    seed: int = 0,
+    difficulty: int | None = None,
+    temperature: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Rows {method, budget, accuracy, ci95, tokens} for every method and budget, and the goal checks."""
+    import json
+
+    from .engine import load_engine
+
+    model_dir = model_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+    settings = {}
+    if os.path.isfile(os.path.join(model_dir, "sprm_task.json")):
+        with open(os.path.join(model_dir, "sprm_task.json")) as f:
+            settings = json.load(f)
+    temperature = settings.get("temperature", 1.0) if temperature is None else temperature
+    difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
+    max_think = think_budget(difficulty)
+    rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
+    problems = task.problems("test", n, seed=seed, difficulty=difficulty)
+    start = time.perf_counter()
+    samples = sample_candidates(rm, problems, k=max(ks), temperature=temperature, seed=seed,
+                                max_think_tokens=max_think, progress=progress)  # fmt: skip
+    prompt_lengths = [len(rm.prompt_ids(p.prompt)) for p in problems]
+    think_lengths = [np.mean([len(s) - prompt_lengths[i] for s in seqs]) for i, seqs in enumerate(samples["sequences"])]
+    per_problem = selection_metrics(samples, problems, ks, seed=seed)
+    rows = []
+    for method in VOTE_METHODS:
+        for k in ks:
+            values = per_problem[method][k]
+            rows.append({"method": method, "budget": f"k={k}", "accuracy": float(values.mean()), "ci95": _ci95(values),
+                         "tokens": float(k * np.mean(think_lengths))})  # fmt: skip
+    sampling_seconds = time.perf_counter() - start
+    overhead = {}
+    for method in search_methods:
+        forward = total = 0.0
+        for width in widths:
+            correct, tokens = [], []
+            for i, problem in enumerate(problems):
+                began = time.perf_counter()
+                result = rm.search(
+                    problem.prompt, method=method, beam_width=width, expansions=expansions, temperature=temperature,
+                    top_p=1.0, seed=seed * 1_000_003 + i, max_think_tokens=max_think, max_answer_tokens=0,
+                )  # fmt: skip
+                total += time.perf_counter() - began
+                forward += result.stats.seconds["forward"]
+                chosen = result.candidates[result.best]
+                answer = task.answer_from_thinking(chosen.text) if chosen.finished else None
+                correct.append(float(task.is_correct(problem, answer)))
+                tokens.append(result.stats.think_generated_tokens)
+            values = np.array(correct)
+            rows.append({"method": method, "budget": f"B={width},E={expansions}", "accuracy": float(values.mean()),
+                         "ci95": _ci95(values), "tokens": float(np.mean(tokens))})  # fmt: skip
+            if progress:
+                print(
+                    f"  {method} B={width}: accuracy {values.mean():.3f}, {np.mean(tokens):.0f} tokens", file=sys.stderr
+                )
+        overhead[method] = 1.0 - forward / total if total else math.nan
+    return {
+        "model_dir": model_dir, "n": n, "difficulty": difficulty, "seed": seed, "temperature": temperature,
+        "expansions": expansions, "rows": rows, "search_overhead": overhead, "goals": goals(rows),
+        "seconds": {"sampling": sampling_seconds, "total": time.perf_counter() - start},
+    }  # fmt: skip
+
+
+def _curve(rows, method):
+    points = sorted((r["tokens"], r["accuracy"]) for r in rows if r["method"] == method)
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def goals(rows) -> dict:
+    """Beam against best-of-k: the fewest tokens at which beam reaches best-of-k's accuracy at k = 8 (as a share
+    of best-of-8's tokens), and at how many beam budgets beam lies above best-of-k's curve (interpolated in log
+    tokens)."""
+    reference = next((r for r in rows if r["method"] == "sprm" and r["budget"] == "k=8"), None)
+    out = {}
+    for method in ("beam", "dvts"):
+        tokens, accuracy = _curve(rows, method)
+        if not len(tokens) or reference is None:
+            continue
+        reached = tokens[accuracy >= reference["accuracy"]]
+        bok_tokens, bok_accuracy = _curve(rows, "sprm")
+        above = sum(
+            1 for t, a in zip(tokens, accuracy, strict=True)
+            if bok_tokens[0] <= t <= bok_tokens[-1] and a > np.interp(np.log(t), np.log(bok_tokens), bok_accuracy)
+        )  # fmt: skip
+        out[method] = {
+            "tokens_share_to_reach_best_of_8": float(reached.min() / reference["tokens"]) if len(reached) else None,
+            "budgets_above_best_of_k": int(above),
+        }
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"n={result['n']} test problems of {result['difficulty']} terms, temperature {result['temperature']}, "
+             f"seed {result['seed']}", f"{'method':<20} {'budget':<10} {'accuracy':>14} {'tokens':>9}"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"{NAMES.get(r['method'], r['method']):<20} {r['budget']:<10} "
+                     f"{r['accuracy']:>7.3f} ± {r['ci95']:.3f} {r['tokens']:>9.1f}")  # fmt: skip
+    for method, share in result["search_overhead"].items():
+        lines.append(f"{NAMES[method]} overhead (all but the model's forwards): {share:.1%} of its wall time")
+    for method, goal in result["goals"].items():
+        share = goal["tokens_share_to_reach_best_of_8"]
+        reach = "never" if share is None else f"with {share:.0%} of its tokens"
+        lines.append(f"{NAMES[method]}: reaches best-of-8's accuracy {reach}; above the best-of-k curve at "
+                     f"{goal['budgets_above_best_of_k']} budgets")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Accuracy against decoded thinking tokens (log scale), one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        for method in ("sprm", "majority", "sprm_vote", "beam", "dvts"):
+            tokens, accuracy = _curve(result["rows"], method)
+            if len(tokens):
+                ax.plot(tokens, accuracy, marker="o", label=NAMES[method])
+        ax.set_xscale("log")
+        ax.set_xlabel("decoded thinking tokens per problem")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{result['difficulty']} terms, n={result['n']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,345 @@
+"""Step-level search guided by the streaming step scores: beam search and DVTS on the HF engine, with KV forking.
+
+Rows decode in one batch until each writes a scored step token (or `</think>`, or reaches the budget): a *round*.
+At the end of a round every partial trajectory has a running score (`aggregate`: "mean" = the geometric mean of its
+step probabilities so far, as in the final score; "last" = its last step's probability; "min" = its lowest), which
+the forward that wrote each step already computed (`StepScorer`): no prefix is ever re-read. Then
+
+- beam: the best `beam_width` partials over the whole batch survive, each forked into `expansions` children;
+- DVTS (diverse verifier tree search): the batch holds `beam_width` independent subtrees; in each, the best partial
+  survives and is forked into `expansions` children (greedy on the score within its subtree: diversity).
+
+Forking selects KV rows (`index_select` on the batch dimension), never re-prefills: the survivors' step tokens are
+fed once, then their rows are repeated. Rows that close their thinking or reach `max_think_tokens` wait as finished
+beams; beam search stops once `beam_width` beams have finished, DVTS once every subtree has one (or nothing is left
+to expand). The choice and the answer pass are `generate`'s: finished first, then the final score (docs/method.md
+§4); the answer continues from the chosen row's own KV cache.
+
+A row that reaches its boundary before the others waits: it takes masked padding (attention mask 0) until the round
+ends, so its KV holds holes that attention never sees; positions are explicit, so its tokens get the positions they
+would have without the holes, and its KV is compacted before the answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sprm_kernels import StepScorer, resolve_backend
+from sprm_kernels.reference import PROB_EPS
+
+from .cache import compact_row, new_cache
+from .params import GenerationParams
+from .reflective import _progress_bar
+from .sampling import sample_tokens
+from .selection import check_int, choose_best, geometric_mean
+from .types import Candidate, GenerationResult, GenerationStats
+
+METHODS = ("beam", "dvts")
+AGGREGATES = ("mean", "last", "min")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    method: str = "beam"
+    beam_width: int = 4  # beam: survivors per round; DVTS: subtrees
+    expansions: int = 2  # children per survivor (the batch holds beam_width * expansions rows)
+    aggregate: str = "mean"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
+        check_int("beam_width", self.beam_width, minimum=1)
+        check_int("expansions", self.expansions, minimum=1)
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate: expected one of {list(AGGREGATES)}, got {self.aggregate!r}")
+
+
+class _Rows:
+    """Per-row state of the search batch, all tensors with the batch first; `select` forks or prunes rows."""
+
+    BATCHED = ("tokens", "step_probs", "lengths", "mask", "previous", "sum_log", "count", "last", "lowest", "subtree",
+               "logits", "hidden", "start_count", "start_first", "end_count", "end_first")  # fmt: skip
+
+    def __init__(self, rm, prompt_ids: list[int], rows: int, max_think: int, cache, logits, hidden):
+        device = rm.device
+        self.cache = cache
+        self.tokens = torch.full((rows, max_think), rm.pad_token_id, dtype=torch.long, device=device)
+        self.step_probs = torch.zeros((rows, max_think), dtype=torch.float32, device=device)  # of token i's state
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # thinking tokens written
+        self.mask = torch.ones((rows, len(prompt_ids)), dtype=torch.long, device=device)  # attention mask of the KV
+        self.previous = torch.full((rows,), prompt_ids[-1], dtype=torch.long, device=device)
+        self.sum_log = torch.zeros(rows, dtype=torch.float32, device=device)  # running sum of log p of steps
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)
+        self.last = torch.zeros(rows, dtype=torch.float32, device=device)  # last step probability
+        self.lowest = torch.ones(rows, dtype=torch.float32, device=device)
+        self.subtree = torch.zeros(rows, dtype=torch.long, device=device)
+        self.logits, self.hidden = logits, hidden  # of each row's last fed position
+        counts = {m: sum(t == m for t in prompt_ids) for m in (rm.think_start_id, rm.think_end_id)}
+        firsts = {m: prompt_ids.index(m) if counts[m] else 0 for m in counts}
+        full = lambda value: torch.full((rows,), value, dtype=torch.long, device=device)  # noqa: E731
+        self.start_count, self.start_first = full(counts[rm.think_start_id]), full(firsts[rm.think_start_id])
+        self.end_count, self.end_first = full(counts[rm.think_end_id]), full(firsts[rm.think_end_id])
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows `index`, in that order; a repeated index forks a row (its KV, history and running score)."""
+        for name in self.BATCHED:
+            setattr(self, name, getattr(self, name)[index])
+        self.cache.batch_select_indices(index)
+
+    def running_score(self, how: str) -> torch.Tensor:
+        """Each partial trajectory's score so far (0 before its first scored step, as a final score would be)."""
+        if how == "mean":
+            value = torch.exp(self.sum_log / self.count.clamp(min=1))
+        else:
+            value = self.last if how == "last" else self.lowest
+        return torch.where(self.count > 0, value, torch.zeros_like(value))
+
+    def in_span(self, position: torch.Tensor) -> torch.Tensor:
+        """Rule 4 with the markers written so far: start < position < end (end unbounded while not closed)."""
+        start = torch.where(self.start_count == 1, self.start_first, 0)
+        end = torch.where(self.end_count == 1, self.end_first, torch.iinfo(torch.long).max)
+        return (start < position) & (position < end)
+
+    def observe(self, token, position, writing, start_id: int, end_id: int) -> None:
+        """Count the markers written at `position` (the new token's) by the rows in `writing`."""
+        for marker, count, first in ((start_id, "start_count", "start_first"), (end_id, "end_count", "end_first")):
+            seen = writing & (token == marker)
+            setattr(self, first, torch.where(seen & (getattr(self, count) == 0), position, getattr(self, first)))
+            setattr(self, count, getattr(self, count) + seen)
+
+
+@dataclass
+class _Finished:
+    token_ids: list[int]
+    step_probs: list[float]
+    closed: bool
+    cache: object  # one row, compacted, every token but the last fed
+
+
+class _Search:
+    def __init__(self, rm, prompt_ids, shape: SearchParams, params: GenerationParams, backend, sample):
+        self.rm, self.prompt_ids, self.shape, self.params, self.sample = rm, prompt_ids, shape, params, sample
+        self.width = params.num_candidates
+        self.step_ids = torch.tensor(rm.step_token_ids, device=rm.device)
+        self.scorer = StepScorer(*rm.head.kernel_weights(), batch_size=self.width, backend=backend)
+        self.sampled = self.fed = self.padded = 0
+        self.forward_seconds = 0.0
+
+    def forward(self, rows: _Rows, token: torch.Tensor, real: torch.Tensor, captured) -> None:
+        """Feed one token per row (`real` rows; the others get masked padding) and keep the real rows' logits and
+        layer L-2 states. Positions are explicit: a real token's position is its row's real length so far."""
+        rm = self.rm
+        rows.mask = torch.cat([rows.mask, real.long()[:, None]], dim=1)
+        position = (len(self.prompt_ids) + rows.lengths - 1)[:, None]
+        start = time.perf_counter()
+        out = rm.model(
+            input_ids=torch.where(real, token, rm.pad_token_id)[:, None], attention_mask=rows.mask,
+            position_ids=position, past_key_values=rows.cache, use_cache=True,
+        )  # fmt: skip
+        self.forward_seconds += time.perf_counter() - start
+        rows.logits = torch.where(real[:, None], out.logits[:, -1].float(), rows.logits.float())
+        rows.hidden = torch.where(real[:, None], captured["features"][:, -1], rows.hidden)
+        fed = int(real.sum())
+        self.fed, self.padded = self.fed + fed, self.padded + len(rows) - fed
+
+    def decode_round(self, rows: _Rows, captured) -> None:
+        """Decode every row until it writes a scored step token, `</think>`, or reaches the budget. A row's last
+        token (the one that ended its round) is left unfed."""
+        rm, device = self.rm, self.rm.device
+        prompt_len, max_think = len(self.prompt_ids), self.params.max_think_tokens
+        waiting = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        features = torch.zeros((self.width, rows.hidden.shape[-1]), dtype=rows.hidden.dtype, device=device)
+        flags = torch.zeros(self.width, dtype=torch.bool, device=device)
+        while True:
+            writing = ~waiting
+            token = torch.full((len(rows),), rm.pad_token_id, dtype=torch.long, device=device)
+            token[writing] = self.sample(rows.logits[writing])
+            self.sampled += int(writing.sum())
+            position = prompt_len + rows.lengths - 1  # the state that predicted `token`
+            is_step = (
+                writing
+                & torch.isin(token, self.step_ids)  # rule 1: x[t+1] is a step token
+                & ~torch.isin(rows.previous, self.step_ids)  # rule 2: first of a run
+                & (rows.previous != rm.think_start_id)  # rule 3: not <think> itself
+                & rows.in_span(position)  # rule 4, with the markers written so far
+            )
+            features.zero_()
+            features[: len(rows)] = rows.hidden
+            flags.zero_()
+            flags[: len(rows)] = is_step
+            prob = self.scorer.update(features, flags)[: len(rows)]
+            index = rows.lengths.clamp(max=max_think - 1)[:, None]
+            _write_at(rows.step_probs, index, prob, writing)
+            _write_at(rows.tokens, index, token, writing)
+            log_p = prob.clamp(min=PROB_EPS).log()
+            rows.sum_log = torch.where(is_step, rows.sum_log + log_p, rows.sum_log)
+            rows.count = rows.count + is_step
+            rows.last = torch.where(is_step, prob, rows.last)
+            rows.lowest = torch.where(is_step, torch.minimum(rows.lowest, prob), rows.lowest)
+            rows.observe(token, position + 1, writing, rm.think_start_id, rm.think_end_id)
+            rows.lengths = rows.lengths + writing
+            rows.previous = torch.where(writing, token, rows.previous)
+            boundary = writing & (is_step | (token == rm.think_end_id) | (rows.lengths >= max_think))
+            waiting |= boundary
+            if bool(waiting.all()):  # the one host synchronisation of a decode step
+                return
+            self.forward(rows, token, writing & ~boundary, captured)
+
+    def survivors(self, rows: _Rows, alive: torch.Tensor) -> torch.Tensor:
+        """Beam: the best `beam_width` alive rows; DVTS: the best alive row of each subtree. NaN ranks lowest, ties
+        go to the lowest index."""
+        score = rows.running_score(self.shape.aggregate).tolist()
+        key = lambda row: (-1.0 if math.isnan(score[row]) else score[row], -row)  # noqa: E731
+        alive = alive.tolist()
+        if self.shape.method == "beam":
+            kept = sorted(alive, key=key, reverse=True)[: self.shape.beam_width]
+        else:
+            best = {}
+            for row in alive:
+                tree = int(rows.subtree[row])
+                if tree not in best or key(row) > key(best[tree]):
+                    best[tree] = row
+            kept = [best[tree] for tree in sorted(best)]
+        return torch.tensor(kept, dtype=torch.long, device=self.rm.device)
+
+    def finish(self, rows: _Rows, row: int) -> _Finished:
+        length = int(rows.lengths[row])
+        keep = rows.mask[row].nonzero().flatten()
+        return _Finished(
+            token_ids=rows.tokens[row, :length].tolist(),
+            step_probs=rows.step_probs[row, :length].tolist(),
+            closed=int(rows.tokens[row, length - 1]) == self.rm.think_end_id,
+            cache=compact_row(rows.cache, row, keep),
+        )
+
+
+@torch.inference_mode()
+def search(
+    rm,
+    prompt_or_messages,
+    *,
+    method: str = "beam",
+    beam_width: int = 4,
+    expansions: int = 2,
+    aggregate: str = "mean",
+    max_think_tokens: int = 4096,
+    max_answer_tokens: int = 1024,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    answer_temperature: float | None = None,
+    seed: int | None = None,
+    backend: str | None = None,
+    progress: bool = False,
+) -> GenerationResult:
+    """Beam search or DVTS over thinking steps (module docstring). The same result type as `generate`: the
+    candidates are the finished beams; `stats.think_generated_tokens` counts every thinking token sampled, pruned
+    rows included, and `stats.seconds["forward"]` the time spent in the model's forwards. `progress` shows a bar
+    of the search's rounds (one per step) on stderr."""
+    shape = SearchParams(method=method, beam_width=beam_width, expansions=expansions, aggregate=aggregate)
+    params = GenerationParams(
+        k=shape.beam_width * shape.expansions, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens,
+        temperature=temperature, top_p=top_p, answer_temperature=answer_temperature, seed=seed,
+    )  # fmt: skip
+    backend = rm.backend if backend is None else backend
+    resolve_backend(rm.device, backend)
+    prompt_ids = rm.prompt_ids(prompt_or_messages)
+    generator = None if seed is None else torch.Generator(device=rm.device).manual_seed(seed)
+
+    def sample(logits, temperature=params.temperature):
+        return sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+
+    def sample_answer(logits):
+        return sample(logits, params.answer_sampling_temperature)
+
+    run = _Search(rm, prompt_ids, shape, params, backend, sample)
+    start = time.perf_counter()
+    finished: list[_Finished] = []
+    with rm._hook_penultimate(stop=False) as captured:
+        cache = new_cache(rm.model)
+        out = rm.model(input_ids=torch.tensor([prompt_ids], device=rm.device), past_key_values=cache, use_cache=True)
+        features = captured["features"][0]
+        prompt_step_probs = rm._prompt_step_probs(prompt_ids, features, backend)
+        cache.batch_repeat_interleave(run.width)
+        rows = _Rows(rm, prompt_ids, run.width, max_think_tokens, cache,
+                     out.logits[:, -1].float().expand(run.width, -1), features[-1].expand(run.width, -1))  # fmt: skip
+        rows.subtree = torch.arange(run.width, device=rm.device) // shape.expansions  # DVTS: its first children
+        run.forward_seconds += time.perf_counter() - start
+        done_trees: set[int] = set()
+        rounds = 0
+        bar = _progress_bar(None, f"{shape.method} search", progress)
+        while len(rows):
+            run.decode_round(rows, captured)
+            rounds += 1
+            if bar is not None:
+                bar.update(1)
+            ends = rows.tokens.gather(1, (rows.lengths - 1)[:, None])[:, 0]
+            terminal = (ends == rm.think_end_id) | (rows.lengths >= max_think_tokens)
+            for row in terminal.nonzero().flatten().tolist():
+                finished.append(run.finish(rows, row))
+                done_trees.add(int(rows.subtree[row]))
+            if shape.method == "beam" and len(finished) >= shape.beam_width:
+                break
+            alive = [r for r in (~terminal).nonzero().flatten().tolist()
+                     if shape.method == "beam" or int(rows.subtree[r]) not in done_trees]  # fmt: skip
+            if not alive:
+                break
+            rows.select(run.survivors(rows, torch.tensor(alive, device=rm.device)))
+            ones = torch.ones(len(rows), dtype=torch.bool, device=rm.device)
+            run.forward(rows, rows.tokens.gather(1, (rows.lengths - 1)[:, None])[:, 0], ones, captured)
+            rows.select(torch.arange(len(rows), device=rm.device).repeat_interleave(shape.expansions))
+    think_seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+
+    candidates = [_candidate(rm, prompt_ids, f, prompt_step_probs, backend) for f in finished]
+    best = choose_best([c.score for c in candidates], [c.finished for c in candidates])
+    answer_start = time.perf_counter()
+    answer_ids, answer_fed = rm._answer_candidate(finished[best].cache, 0, prompt_ids, candidates[best],
+                                                  max_answer_tokens, sample_answer)  # fmt: skip
+    answer_seconds = time.perf_counter() - answer_start
+    stats = GenerationStats(
+        prefill_tokens=len(prompt_ids),
+        think_decode_tokens=run.fed,
+        think_generated_tokens=run.sampled,
+        answer_decode_tokens=answer_fed,
+        seconds={"think": think_seconds, "answer": answer_seconds, "forward": run.forward_seconds},
+        padded_decode_tokens=run.padded,
+        rounds=rounds,
+    )
+    return GenerationResult(
+        candidates=candidates,
+        best=best,
+        answer=rm.tokenizer.decode(answer_ids, skip_special_tokens=True),
+        answer_token_ids=answer_ids,
+        prompt_token_ids=prompt_ids,
+        stats=stats,
+    )
+
+
+def _write_at(history: torch.Tensor, index: torch.Tensor, value: torch.Tensor, where: torch.Tensor) -> None:
+    """history[r, index[r]] = value[r] for the rows in `where` (the others keep what they had)."""
+    kept = history.gather(1, index)[:, 0]
+    history.scatter_(1, index, torch.where(where, value, kept)[:, None])
+
+
+def _candidate(rm, prompt_ids, finished: _Finished, prompt_step_probs, backend) -> Candidate:
+    """A finished beam as `generate` reports a candidate: positions by the exact rule on its final ids, the step
+    probabilities its decoding computed (prompt positions from the prefill), their geometric mean."""
+    prompt_len = len(prompt_ids)
+    positions = rm._scored_positions([prompt_ids + finished.token_ids], backend)[0]
+    probs = [prompt_step_probs[t] if t < prompt_len - 1 else finished.step_probs[t - prompt_len + 1] for t in positions]
+    return Candidate(
+        token_ids=finished.token_ids,
+        text=rm.tokenizer.decode(finished.token_ids, skip_special_tokens=False),
+        score=geometric_mean(probs),
+        step_scores=probs,
+        score_positions=positions,
+        finished=finished.closed,
+    )
