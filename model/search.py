@@ -31,7 +31,7 @@ import torch
 from sprm_kernels import StepScorer, resolve_backend
 from sprm_kernels.reference import PROB_EPS
 
-from .cache import compact_row, new_cache
+from .cache import cache_argument, compact_row, new_cache
 from .params import GenerationParams
 from .reflective import _progress_bar
 from .sampling import sample_tokens
@@ -141,7 +141,7 @@ class _Search:
         start = time.perf_counter()
         out = rm.model(
             input_ids=torch.where(real, token, rm.pad_token_id)[:, None], attention_mask=rows.mask,
-            position_ids=position, past_key_values=rows.cache, use_cache=True,
+            position_ids=position, **{cache_argument(rm.model): rows.cache}, use_cache=True,
         )  # fmt: skip
         self.forward_seconds += time.perf_counter() - start
         rows.logits = torch.where(real[:, None], out.logits[:, -1].float(), rows.logits.float())
@@ -163,18 +163,20 @@ class _Search:
             token[writing] = self.sample(rows.logits[writing])
             self.sampled += int(writing.sum())
             position = prompt_len + rows.lengths - 1  # the state that predicted `token`
-            is_step = (
+            could_score = (
                 writing
                 & torch.isin(token, self.step_ids)  # rule 1: x[t+1] is a step token
                 & ~torch.isin(rows.previous, self.step_ids)  # rule 2: first of a run
                 & (rows.previous != rm.think_start_id)  # rule 3: not <think> itself
-                & rows.in_span(position)  # rule 4, with the markers written so far
             )
+            is_step = could_score & rows.in_span(position)  # rule 4, with the markers written so far
             features.zero_()
             features[: len(rows)] = rows.hidden
             flags.zero_()
-            flags[: len(rows)] = is_step
-            prob = self.scorer.update(features, flags)[: len(rows)]
+            flags[: len(rows)] = could_score
+            # The head runs for rows where rules 1-3 hold (the only positions a final rule can score, even when a
+            # later marker moves the span); the scorer's own sums are not used (forks reorder rows).
+            prob = self.scorer.update(features, flags, want_prob=flags)[: len(rows)]
             index = rows.lengths.clamp(max=max_think - 1)[:, None]
             _write_at(rows.step_probs, index, prob, writing)
             _write_at(rows.tokens, index, token, writing)
@@ -263,7 +265,8 @@ def search(
     finished: list[_Finished] = []
     with rm._hook_penultimate(stop=False) as captured:
         cache = new_cache(rm.model)
-        out = rm.model(input_ids=torch.tensor([prompt_ids], device=rm.device), past_key_values=cache, use_cache=True)
+        prompt = torch.tensor([prompt_ids], device=rm.device)
+        out = rm.model(input_ids=prompt, **{cache_argument(rm.model): cache}, use_cache=True)
         features = captured["features"][0]
         prompt_step_probs = rm._prompt_step_probs(prompt_ids, features, backend)
         cache.batch_repeat_interleave(run.width)
