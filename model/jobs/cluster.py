@@ -42,6 +42,8 @@ class Workers:
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None):
     """Start (address None / "local") or join (any other address) Ray; a no-op when Ray is already initialized in
     this process (the caller's instance is used as it is). Returns the `ray` module."""
+    if address in (None, "", LOCAL):
+        _loopback_node()  # before Ray is imported where possible: its workers inherit the environment
     try:
         import ray
     except ImportError:
@@ -49,13 +51,51 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if ray.is_initialized():
         return ray
     if address in (None, "", LOCAL):
+        _loopback_node()
         ray.init(
             address="local", include_dashboard=False, num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
-            _node_ip_address="127.0.0.1", configure_logging=True, logging_level="warning",
+            _node_ip_address="127.0.0.1", logging_level="warning",
         )  # fmt: skip
     else:
         ray.init(address=address, logging_level="warning")
     return ray
+
+
+# -- Ray-version-specific: a private instance on loopback only (checked with Ray 2.60) ---------------------------
+
+
+def _loopback_node() -> None:
+    """Make a private Ray's node IP 127.0.0.1. Ray turns `_node_ip_address="127.0.0.1"` into the machine's
+    routable address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (read when Ray is imported, so the constant is
+    set too when Ray was imported first); its servers then listen on 127.0.0.1 only."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def keep_replica_on_loopback() -> None:
+    """In a Ray Serve replica of a loopback node: its inter-deployment gRPC server (unused here: one deployment)
+    listens on "[::]:0" in Ray Serve 2.60 whatever the node IP; bind it to 127.0.0.1 instead. A no-op elsewhere."""
+    import ray
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "sprm_loopback", False):
+        return
+
+    def add_port(server, address):
+        return original(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    add_port.sprm_loopback = True
+    replica.add_port_to_grpc_server = add_port
 
 
 def set_torch_threads(threads: int) -> None:
