@@ -109,8 +109,8 @@ def set_torch_threads(threads: int) -> None:
 # -- command-line options shared by `sprm eval --ray` and `train collect --ray` ----------------------------------
 
 
-def add_ray_arguments(parser, *, out_help: str | None = None) -> None:
-    """--ray [ADDRESS], --num-workers, --cpus-per-worker, --gpus-per-worker (and --out when `out_help`)."""
+def add_ray_arguments(parser, *, out_help: str | None = None, out_flag: str = "--out") -> None:
+    """--ray [ADDRESS], --num-workers, --cpus-per-worker, --gpus-per-worker (and `out_flag` when `out_help`)."""
     import argparse
 
     def count(text: str) -> int:
@@ -134,14 +134,14 @@ def add_ray_arguments(parser, *, out_help: str | None = None) -> None:
     group.add_argument("--cpus-per-worker", type=amount, default=1.0, help="CPUs per actor = its torch threads")
     group.add_argument("--gpus-per-worker", type=amount, default=0.0, help="GPUs per actor (> 0: the engine on cuda)")
     if out_help:
-        group.add_argument("--out", default=None, help=out_help)
+        group.add_argument(out_flag, default=None, help=out_help)
 
 
 def workers_from_args(parser, args) -> Workers | None:
     """The `Workers` of the parsed options (None without --ray); a usage error (exit 2) names the bad option."""
     ray_only = [f"--{name.replace('_', '-')}" for name, default in
-                (("num_workers", 1), ("cpus_per_worker", 1.0), ("gpus_per_worker", 0.0))
-                if getattr(args, name) != default]  # fmt: skip
+                (("num_workers", 1), ("cpus_per_worker", 1.0), ("gpus_per_worker", 0.0), ("rows", None))
+                if getattr(args, name, default) != default]  # fmt: skip
     if args.ray is None:
         if ray_only:
             parser.error(f"{', '.join(ray_only)}: only with --ray")
