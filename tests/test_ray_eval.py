@@ -69,30 +69,22 @@ def test_two_workers_one_killed_mid_job_same_results(ray_local, problems, single
     assert bce == expected_bce
 
 
-def test_one_worker_parquet_same_results(ray_local, problems, single_process, tmp_path):
-    out = tmp_path / "rows.parquet"
-    samples, bce = run(problems, Workers(1), out=str(out))
-    expected, expected_bce = single_process
-    assert samples == {key: expected[key] for key in ROW_KEYS}
-    assert bce == expected_bce
-    rows = read_rows(str(out))
-    assert [row["id"] for row in rows] == list(range(N))
-    assert [row["scores"] for row in rows] == expected["scores"]
-
-
 def test_cli_report_equals_single_process_plus_workers(ray_local, capsys, tmp_path):
-    """`sprm eval --ray --num-workers 2 --json`: the report of the run without Ray, plus "workers": 2."""
+    """`sprm eval --ray --num-workers 1 --json --out rows.parquet`: the report of the run without Ray, plus
+    "workers": 1 (the test above covers 2 workers), and one Parquet row per problem, in order."""
     from sprm_kernels.model.cli import main
 
     args = ["eval", "--n", "3", "--ks", "1,2", "--seed", str(SEED), "--json"]
-    assert main(args + ["--ray", "--num-workers", "2", "--out", str(tmp_path / "e.jsonl")]) == 0
+    assert main(args + ["--ray", "--num-workers", "1", "--out", str(tmp_path / "e.parquet")]) == 0
     on_ray = json.loads(capsys.readouterr().out)
     assert main(args) == 0
     alone = json.loads(capsys.readouterr().out)
-    assert on_ray.pop("workers") == 2 and alone.pop("workers") == 1
+    assert on_ray.pop("workers") == 1 and alone.pop("workers") == 1
     on_ray.pop("seconds"), alone.pop("seconds")
     assert on_ray == alone
-    assert len(read_rows(str(tmp_path / "e.jsonl"))) == 3
+    rows = read_rows(str(tmp_path / "e.parquet"))
+    assert [row["id"] for row in rows] == [0, 1, 2]
+    assert [len(row["scores"]) for row in rows] == [2, 2, 2]
 
 
 @pytest.mark.parametrize(

@@ -88,10 +88,12 @@ def deploy(
     port: int = 8001,
     options: ReplicaOptions | None = None,
     address: str | None = None,
+    timeout: float = 300.0,
     **app_options,
 ) -> str:
     """Deploy the app (`app_options` go to `create_app`: max_batch_tokens, max_queue, max_text_tokens, token) as
-    replicas behind Serve's proxy on host:port; returns once every replica is up. The URL of the proxy."""
+    replicas behind Serve's proxy on host:port; returns the proxy's URL once every replica is up and the proxy
+    answers. Serve's host and port are fixed when Serve first starts on a cluster (as `serve.start` does)."""
     from ray import serve
 
     from ..jobs.cluster import connect
@@ -105,7 +107,30 @@ def deploy(
     deployment = serve.deployment(serve.ingress()(Replica), name="SPRMServer").options(**options.deployment_options())
     app = deployment.bind(os.path.abspath(model_dir), engine, device, threads, app_options)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    _wait_for_proxy(url, timeout)
+    return url
+
+
+def _wait_for_proxy(url: str, timeout: float) -> None:
+    """`serve.run` returns once the replicas are up; the HTTP proxy may still be starting: poll its health route
+    (on the loopback address when it listens on every interface)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    probe = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:") + "/-/healthz"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(probe, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray Serve's proxy did not answer on {probe} within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def replica_actor_names() -> list[str]:
