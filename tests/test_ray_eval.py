@@ -105,3 +105,12 @@ def test_cli_bad_ray_options_are_usage_errors(extra, message, capsys):
         evaluate_main(["--n", "2"] + extra)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_missing_model_fails_before_ray_starts(tmp_path):
+    """A folder that is not a model is refused in the driver, before any actor could fail (and be restarted)."""
+    with pytest.raises(ValueError, match="no such folder"):
+        sample_on_ray(
+            str(tmp_path / "missing"), task.problems("test", 1), engine="hf", k=1, temperature=1.0, seed=0,
+            max_answer_tokens=0, bce_head_dir=None, progress=False,
+        )  # fmt: skip

@@ -154,3 +154,11 @@ def workers_from_args(parser, args) -> Workers | None:
         return Workers(args.num_workers, args.cpus_per_worker, args.gpus_per_worker)
     except ValueError as error:
         parser.error(f"--cpus-per-worker, --gpus-per-worker: {error}")
+
+
+def check_model_dir(path: str) -> None:
+    """Before any actor starts (an actor that cannot load its engine would be restarted again and again)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model: {path}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model: {path}: not a model folder (no config.json)")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cluster import Workers, set_torch_threads
+from .cluster import Workers, check_model_dir, set_torch_threads
 
 LIST_FIELDS = ("prompts", "prompt_token_ids", "texts", "answers")
 
@@ -99,6 +99,7 @@ def collect_on_ray(
 
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts: expected a non-empty list of prompts, got {prompts!r:.80}")
+    check_model_dir(model_dir)
     workers = workers or Workers(num_workers, cpus_per_worker, gpus_per_worker)
     engine_kwargs = dict(engine_kwargs or {})
     engine_kwargs.setdefault("device", workers.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from .cluster import Workers, set_torch_threads
+from .cluster import Workers, check_model_dir, set_torch_threads
 
 ROW_KEYS = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
 
@@ -71,6 +71,7 @@ def sample_on_ray(
     from . import pool
     from .output import RowWriter
 
+    check_model_dir(model_dir)
     workers = workers or Workers()
     kwargs = dict(
         model_dir=model_dir, engine=engine, device=workers.device, threads=workers.torch_threads, k=k,

@@ -96,8 +96,9 @@ def deploy(
     answers. Serve's host and port are fixed when Serve first starts on a cluster (as `serve.start` does)."""
     from ray import serve
 
-    from ..jobs.cluster import connect
+    from ..jobs.cluster import check_model_dir, connect
 
+    check_model_dir(model_dir)
     options = options or ReplicaOptions()
     connect(address)
     serve.start(http_options={"host": host, "port": port})
