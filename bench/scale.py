@@ -7,8 +7,10 @@ shipped model. One process: `sample_candidates` with one torch thread after the 
 instance on 127.0.0.1 (started once, after the single-process run, not timed), pools of single-threaded actors.
 Reported per run: wall time end to end (the pool's start-up, i.e. loading torch + the model in every actor,
 included), the time to the first row, and the steady rate: problems per second between the first and the last
-row (the start-up excluded). Overhead at 1 worker = 1 - steady Ray rate / single-process rate; speed-up =
-2-worker steady rate / 1-worker steady rate.
+row (the start-up excluded), and the CPU time per problem in the workers (process time around each problem) and
+in the driver (the whole job): on a shared machine CPU time moves less with the load than wall time does.
+Overhead at 1 worker = 1 - steady Ray rate / single-process rate; speed-up = 2-worker steady rate / 1-worker
+steady rate.
 
 Serve: `requests` POST /score of thinking texts from `concurrency` concurrent clients, after a warm-up: the
 single-process server (`sprm serve`, a subprocess) against Ray Serve with 1 and 2 replicas (one torch thread each).
@@ -49,27 +51,33 @@ def eval_single(problems, k: int) -> dict:
     start = time.perf_counter()
     rm = load_engine(SHIPPED, device="cpu", backend="torch")
     bce = rm.with_head(SPRMHead.from_pretrained(os.path.join(SHIPPED, "bce_head")))
-    loaded = time.perf_counter()
+    loaded, cpu = time.perf_counter(), time.process_time()
     samples = ev.sample_candidates(rm, problems, k=k, temperature=1.0, seed=0, max_answer_tokens=8)
     [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
-    end = time.perf_counter()
-    return {"wall": end - start, "first": None, "steady": len(problems) / (end - loaded), "samples": samples}
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    return {"wall": end - start, "first": None, "steady": len(problems) / (end - loaded), "samples": samples,
+            "worker_cpu": cpu, "driver_cpu": 0.0}  # fmt: skip
 
 
 def eval_ray(problems, k: int, workers: int) -> dict:
     from sprm_kernels.model.jobs.cluster import Workers
     from sprm_kernels.model.jobs.ray_eval import sample_on_ray
 
-    times = []
-    start = time.perf_counter()
+    times, worker_cpu = [], []
+
+    def on_row(row):
+        times.append(time.perf_counter())
+        worker_cpu.append(row["cpu_s"])
+
+    start, driver_cpu = time.perf_counter(), time.process_time()
     samples, _ = sample_on_ray(
         SHIPPED, problems, engine="hf", k=k, temperature=1.0, seed=0, max_answer_tokens=8,
-        bce_head_dir=os.path.join(SHIPPED, "bce_head"), workers=Workers(workers), progress=False,
-        on_row=lambda row: times.append(time.perf_counter()),
+        bce_head_dir=os.path.join(SHIPPED, "bce_head"), workers=Workers(workers), progress=False, on_row=on_row,
     )  # fmt: skip
-    end = time.perf_counter()
+    end, driver_cpu = time.perf_counter(), time.process_time() - driver_cpu
     steady = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
-    return {"wall": end - start, "first": times[0] - start, "steady": steady, "samples": samples}
+    return {"wall": end - start, "first": times[0] - start, "steady": steady, "samples": samples,
+            "worker_cpu": sum(worker_cpu), "driver_cpu": driver_cpu}  # fmt: skip
 
 
 def score_texts(count: int) -> list[str]:
@@ -134,10 +142,12 @@ def main(argv=None) -> int:
         for run in (ray1, ray2):
             assert run["samples"] == {key: single["samples"][key] for key in run["samples"]}, "results differ"
         print(f"\neval: n={args.n} problems, k={args.k}; results identical in all runs; load {load_average()}")
-        print("| run | wall s (start-up included) | first row s | steady problems/s |\n|---|---:|---:|---:|")
+        print("| run | wall s (start-up included) | first row s | steady problems/s | CPU ms per problem (worker + "
+              "driver) |\n|---|---:|---:|---:|---:|")  # fmt: skip
         for name, run in (("one process", single), ("Ray, 1 worker", ray1), ("Ray, 2 workers", ray2)):
             first = "-" if run["first"] is None else f"{run['first']:.1f}"
-            print(f"| {name} | {run['wall']:.1f} | {first} | {run['steady']:.2f} |", flush=True)
+            cpu = f"{1000 * run['worker_cpu'] / args.n:.0f} + {1000 * run['driver_cpu'] / args.n:.0f}"
+            print(f"| {name} | {run['wall']:.1f} | {first} | {run['steady']:.2f} | {cpu} |", flush=True)
         print(f"Ray overhead at 1 worker (steady): {100 * (1 - ray1['steady'] / single['steady']):+.0f}%; "
               f"2 workers / 1 worker: {ray2['steady'] / ray1['steady']:.2f}x", flush=True)  # fmt: skip
     if not args.skip_serve:

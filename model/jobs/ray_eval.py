@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from .cluster import Workers, check_model_dir, set_torch_threads
 
@@ -38,8 +39,9 @@ class EvalWorker:
         from .. import task
         from ..evaluate import sample_candidates
 
-        ids, rows = [], []
+        ids, rows, cpu = [], [], []
         for problem_id, terms in zip(batch["id"], batch["terms"], strict=True):
+            began = time.process_time()
             problem = task.Problem(tuple(int(t) for t in terms))
             samples = sample_candidates(self.rm, [problem], first_index=int(problem_id), **self.options)
             row = {"id": int(problem_id), "prompt": problem.prompt, **{key: samples[key][0] for key in ROW_KEYS}}
@@ -47,7 +49,8 @@ class EvalWorker:
                 row["bce_scores"] = [r.value for r in self.bce.score(row["sequences"])]
             ids.append(int(problem_id))
             rows.append(json.dumps(row))
-        return {"id": ids, "row": rows, "pid": [os.getpid()] * len(ids)}
+            cpu.append(time.process_time() - began)
+        return {"id": ids, "row": rows, "pid": [os.getpid()] * len(ids), "cpu_s": cpu}
 
 
 def sample_on_ray(
@@ -67,7 +70,8 @@ def sample_on_ray(
     on_row=None,
 ) -> tuple[dict, list | None]:
     """(samples, bce_scores) as `evaluate` builds them in one process, from a pool of Ray actors. `on_row(row)` is
-    called on each raw row {"id", "row", "pid"} as it arrives (tests use it to kill a worker mid-job)."""
+    called on each raw row {"id", "row" (JSON), "pid", "cpu_s" (the worker's CPU seconds on it)} as it arrives
+    (tests use it to kill a worker mid-job, the benchmark to sum the CPU time)."""
     from . import pool
     from .output import RowWriter
 
