@@ -101,9 +101,11 @@ def keep_replica_on_loopback() -> None:
 def set_torch_threads(threads: int) -> None:
     """In a worker: intra-op threads = its CPUs (1 by default), so that N workers on N cores do not oversubscribe."""
     import torch
+    from transformers.utils import logging as transformers_logging
 
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar per actor in the driver's output
 
 
 # -- command-line options shared by `sprm eval --ray` and `train collect --ray` ----------------------------------

@@ -205,10 +205,15 @@ def run(args) -> int:
     app_options = dict(max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                        max_text_tokens=args.max_text_tokens, token=args.token)  # fmt: skip
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT)
+    # before deploying (a signal while the replicas load stops the command) and again after: ray.init installs
+    # its own SIGTERM handler, which would otherwise take over (and abort the process at exit)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
     try:
         url = deploy(args.model, engine=args.engine, device=args.device, host=args.host, port=args.port,
                      options=options, address=args.ray, **app_options)  # fmt: skip
+        for sig in signals:
+            signal.signal(sig, lambda *_: stop.set())
         scaling = f"{options.replicas}..{options.max_replicas}" if options.max_replicas else str(options.replicas)
         print(f"sprm: serving {args.model} on {url} with {scaling} Ray Serve replicas; Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
