@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="one log line per request (default: per batch)")
+    from .serving.ray_serve import add_arguments as add_ray_serve_arguments
+
+    add_ray_serve_arguments(serve)
 
     generate = commands.add_parser("generate", help="best-of-k reflective answer to one question")
     generate.add_argument("question")
@@ -227,6 +230,10 @@ def load_model(path: str, device: str | None, engine: str = "hf"):
 
 
 def run_serve(args) -> int:
+    if args.ray is not None:
+        return run_serve_on_ray(args)
+    if args.replicas != 1 or args.max_replicas is not None:
+        raise UsageError("--replicas, --max-replicas: only with --ray")
     try:
         from .server import serve
     except ImportError as error:
@@ -237,6 +244,24 @@ def run_serve(args) -> int:
         max_text_tokens=args.max_text_tokens, token=args.token, log_level=args.log_level, access_log=args.access_log,
     )  # fmt: skip
     return 0
+
+
+def run_serve_on_ray(args) -> int:
+    """`sprm serve --ray`: the same app as N Ray Serve replicas (serving/ray_serve.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+        raise UsageError("serve --ray needs Ray Serve and the serve extra (pip install 'ray[serve]' "
+                         "'sprm-kernels[serve]')")  # fmt: skip
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"--model {args.model}: not a model folder (no config.json)")
+    from .serving import ray_serve
+
+    try:
+        ray_serve.options_from_args(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return ray_serve.run(args)
 
 
 def run_generate(args) -> int:

@@ -36,13 +36,15 @@ def sample_candidates(
     max_think_tokens: int = 96,
     max_answer_tokens: int = 0,
     progress: bool = False,
+    first_index: int = 0,
 ) -> dict:
-    """k thinking candidates per problem: sequences (prompt + thinking ids), texts, answers, correct, scores."""
+    """k thinking candidates per problem: sequences (prompt + thinking ids), texts, answers, correct, scores.
+    Problem i is sampled with seed `seed * 1_000_003 + first_index + i`: its own, whatever else is sampled."""
     keys = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
     out = {key: [] for key in keys}
     for i, problem in enumerate(problems):
         result = rm.generate(
-            problem.prompt, k=k, temperature=temperature, top_p=1.0, seed=seed * 1_000_003 + i,
+            problem.prompt, k=k, temperature=temperature, top_p=1.0, seed=seed * 1_000_003 + first_index + i,
             max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens, backend="torch",
         )  # fmt: skip
         candidates = result.candidates
@@ -143,9 +145,14 @@ def evaluate(
     temperature: float | None = None,
     difficulty: int | None = None,
     engine: str = "hf",
+    ray: str | None = None,
+    workers=None,
+    out: str | None = None,
 ) -> dict:
     """Accuracy of every method for every k on n held-out problems (see the module docstring). model_dir: default
-    the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed."""
+    the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed.
+    ray: sample on a pool of Ray actors (`jobs.ray_eval`; "local" starts Ray on 127.0.0.1), `workers` (a
+    `jobs.cluster.Workers`) sized, rows streamed to `out` (.jsonl or .parquet): the same report, plus "workers"."""
     from .engine import load_engine
     from .head import SPRMHead
 
@@ -159,16 +166,27 @@ def evaluate(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     ks = tuple(sorted(set(int(k) for k in ks)))
     k_max = ks[-1]
-    rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
+    if out is not None and ray is None:
+        raise ValueError("out: rows are streamed by a Ray run only; pass ray too")
     problems = task.problems(split, n, seed=seed, difficulty=difficulty)
-    samples = sample_candidates(
-        rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
-    )
     bce_head_dir = bce_head_dir or os.path.join(model_dir, "bce_head")
-    bce_scores = None
-    if os.path.isdir(bce_head_dir):
-        bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
-        bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
+    if ray is not None:
+        from .jobs.ray_eval import Workers, sample_on_ray
+
+        workers = workers or Workers()
+        samples, bce_scores = sample_on_ray(
+            model_dir, problems, engine=engine, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8,
+            bce_head_dir=bce_head_dir, address=ray, workers=workers, out=out, progress=progress,
+        )  # fmt: skip
+    else:
+        rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
+        samples = sample_candidates(
+            rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
+        )
+        bce_scores = None
+        if os.path.isdir(bce_head_dir):
+            bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
+            bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
     per_problem = selection_metrics(samples, problems, ks, bce_scores=bce_scores, seed=seed)
     accuracy = {m: {k: float(v.mean()) for k, v in by_k.items()} for m, by_k in per_problem.items()}
     ci = {m: {k: _ci95(v) for k, v in by_k.items()} for m, by_k in per_problem.items()}
@@ -211,6 +229,7 @@ def evaluate(
         "finished_rate": float(np.mean([f for per in samples["finished"] for f in per])),
         "answer_agreement": float(np.mean([a == b for a, b in zip(chosen, best_answers, strict=True)])),
         "seconds": time.time() - start,
+        "workers": workers.num_workers if ray is not None else 1,
     }
 
 
@@ -278,13 +297,31 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expansions", type=int, default=2, help="--search: children per beam (default 2)")
     parser.add_argument("--difficulty", type=int, default=None, help="terms per problem (default: the model's)")
 
+    from .jobs.cluster import add_ray_arguments
 
-def run_eval(args: argparse.Namespace) -> int:
+    add_ray_arguments(parser, out_help="with --ray: stream one row per problem to this .jsonl or .parquet file")
+
+
+
+def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    from .jobs.cluster import workers_from_args
+    from .jobs.output import check_out_path
+
     if args.search:
         return _run_compute_view(args)
+    parser = parser or argparse.ArgumentParser(prog="sprm eval")
+    workers = workers_from_args(parser, args)
+    if args.out is not None:
+        if args.ray is None:
+            parser.error("--out: only with --ray")
+        try:
+            check_out_path(args.out)
+        except ValueError as error:
+            parser.error(f"--{error}")
     result = evaluate(
         args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], seed=args.seed,
-        bce_head_dir=args.bce_head, progress=not args.json, engine=args.engine,
+        bce_head_dir=args.bce_head, progress=not args.json, engine=args.engine, ray=args.ray, workers=workers,
+        out=args.out,
     )  # fmt: skip
     if args.plot:
         plot(result, args.plot)
@@ -316,7 +353,7 @@ def evaluate_main(argv=None) -> int:
     """`sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]`."""
     parser = argparse.ArgumentParser(prog="sprm eval", description="best-of-k accuracy on held-out problems")
     add_eval_arguments(parser)
-    return run_eval(parser.parse_args(argv))
+    return run_eval(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":

@@ -745,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     gather.add_argument("--seed", type=int, default=0)
     gather.add_argument("--device")
     gather.add_argument("--backend", choices=("torch", "triton"))
+    from .jobs.cluster import add_ray_arguments, workers_from_args
+
+    add_ray_arguments(gather, out_help="with --ray: stream per-prompt summaries to this .jsonl / .parquet file",
+                      out_flag="--rows")  # fmt: skip
 
     fit = commands.add_parser("fit", help="train a head on saved rollouts, write checkpoints")
     fit.add_argument("--rollouts", required=True, help="a directory written by collect")
@@ -776,12 +780,23 @@ def main(argv: list[str] | None = None) -> int:
             verifier = last_number_verifier(references)
         else:
             parser.error("--verifier is needed when the prompts carry no 'reference'")
-        model = load_engine(args.model, engine=args.engine, device=args.device, backend=args.backend)
-        rollouts = collect(
-            model, prompts, verifier, args.k, label_from=args.label_from, max_think_tokens=args.max_think_tokens,
+        workers = workers_from_args(gather, args)
+        options = dict(
+            label_from=args.label_from, max_think_tokens=args.max_think_tokens,
             max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, top_p=args.top_p,
             answer_temperature=args.answer_temperature, seed=args.seed,
         )  # fmt: skip
+        if workers is not None:  # --ray: the same rollouts from a pool of Ray actors (jobs/ray_collect.py)
+            from .jobs.ray_collect import collect_on_ray
+
+            engine_kwargs = {"backend": args.backend, **({"device": args.device} if args.device else {})}
+            rollouts = collect_on_ray(
+                args.model, prompts, verifier, args.k, engine=args.engine, address=args.ray,
+                engine_kwargs=engine_kwargs, workers=workers, rows=args.rows, **options,
+            )  # fmt: skip
+        else:
+            model = load_engine(args.model, engine=args.engine, device=args.device, backend=args.backend)
+            rollouts = collect(model, prompts, verifier, args.k, **options)
         rollouts.info["model"] = args.model
         rollouts.save(args.out)
         valid = rollouts.valid

@@ -47,3 +47,20 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private Ray instance for the whole run (tests/test_ray_*.py): 127.0.0.1 only, no dashboard, the
+    machine's CPUs; shut down at the end. Ray's start-up costs seconds, so it is never started twice."""
+    ray = pytest.importorskip("ray", reason="the Ray tests need Ray (pip install 'ray[data,serve]')")
+    from sprm_kernels.model.jobs.cluster import connect
+
+    connect(None, num_cpus=max(2, os.cpu_count() or 1))
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
