@@ -302,7 +302,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_ray_arguments(parser, out_help="with --ray: stream one row per problem to this .jsonl or .parquet file")
 
 
-
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     from .jobs.cluster import workers_from_args
     from .jobs.output import check_out_path
