@@ -43,6 +43,9 @@ class GenerationStats:
     think_generated_tokens: int  # thinking tokens the k rows actually wrote
     answer_decode_tokens: int  # tokens through the model in the answer phase
     seconds: dict[str, float] = field(default_factory=dict)  # prefill, think, select, answer
+    # Answer-phase prompt tokens served from a prefix cache instead of going through the model (vLLM engine; the HF
+    # engine continues from the chosen row's own KV and feeds no prompt token again, so 0 there).
+    answer_cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
