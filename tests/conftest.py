@@ -47,3 +47,15 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
     yield
+
+
+@pytest.fixture(scope="session")
+def vllm_shipped():
+    """One vLLM engine on the shipped model for the whole session (each engine start costs 20 s or more)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from sprm_kernels.model import load_engine
+    from sprm_kernels.model.cli import SHIPPED_DIR
+
+    engine = load_engine(SHIPPED_DIR, engine="vllm")
+    yield engine
+    engine.close()

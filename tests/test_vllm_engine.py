@@ -134,10 +134,13 @@ def test_markers_in_the_prompt_score_prompt_positions_even_from_the_prefix_cache
     positions are scored, and k rows share the prompt (the prefix cache may serve it to all but one)."""
     vllm_engine, hf = engines
     prompt = "1.\n\n2.\n\n3.\n\n4.\n\n5.\n\n6.\n\n7.\n\n8.\n\n<think>1.\n\n"
-    results = vllm_engine.generate(
-        [prompt, prompt], k=4, seed=3, max_think_tokens=40, max_answer_tokens=2, temperature=1.0, top_p=1.0
-    )
-    assert_same_scores(results, hf)
+    options = dict(k=4, max_think_tokens=40, max_answer_tokens=2, temperature=1.0, top_p=1.0)
+    first = vllm_engine.generate(prompt, seed=3, **options)
+    again = vllm_engine.generate([prompt, prompt], seed=4, **options)  # the prompt's first block is cached now
+    prompt_len = len(first.prompt_token_ids)
+    assert prompt_len > BLOCK and any(t < prompt_len for c in first.candidates for t in c.score_positions)
+    assert again[0].stats.prefill_tokens <= 4 * (prompt_len - BLOCK)  # so those positions never ran again
+    assert_same_scores([first, *again], hf)
 
 
 def test_features_are_the_layer_l_minus_2_rows_at_the_scored_positions(engines):
@@ -206,17 +209,13 @@ def test_info_describes_the_vllm_engine(engines, tiny_path):
     assert info.context_length == 256 and info.path == tiny_path
 
 
-def test_shipped_model_many_prompts_match_the_hf_engine():
-    """The shipped model's folder holds sprm_head.safetensors beside model.safetensors: vLLM must skip it."""
-    from sprm_kernels.model.vllm import VLLMReflectiveModel
-
-    engine = VLLMReflectiveModel.from_pretrained(SHIPPED_DIR)
-    try:
-        hf = ReflectiveModel.from_pretrained(SHIPPED_DIR, device="cpu")
-        prompts = [f"{a}+{b}+{c}=?" for a, b, c in [(1, 2, 3), (4, 8, 1), (9, 9, 9), (5, 0, 7), (2, 6, 3), (3, 3, 1)]]
-        results = engine.generate(prompts, k=4, seed=0, max_think_tokens=60, max_answer_tokens=4)
-        assert_same_scores(results, hf)
-        assert sum(len(c.score_positions) for r in results for c in r.candidates) >= 4 * len(prompts)
-        assert all(r.stats.answer_cached_tokens > 0 for r in results)
-    finally:
-        engine.close()
+def test_shipped_model_many_prompts_match_the_hf_engine(vllm_shipped):
+    """The shipped model's folder holds sprm_head.safetensors beside model.safetensors (vLLM reads both)."""
+    hf = ReflectiveModel.from_pretrained(SHIPPED_DIR, device="cpu")
+    prompts = [f"{a}+{b}+{c}=?" for a, b, c in [(1, 2, 3), (4, 8, 1), (9, 9, 9), (5, 0, 7), (2, 6, 3), (3, 3, 1)]]
+    results = vllm_shipped.generate(prompts, k=4, seed=0, max_think_tokens=60, max_answer_tokens=4)
+    assert_same_scores(results, hf)
+    assert sum(len(c.score_positions) for r in results for c in r.candidates) >= 4 * len(prompts)
+    assert all(r.stats.answer_cached_tokens > 0 for r in results)
+    sums = [str(sum(int(term) for term in p.removesuffix("=?").split("+"))) for p in prompts]
+    assert sum(r.answer.strip() == total for total, r in zip(sums, results, strict=True)) >= 4  # the model works

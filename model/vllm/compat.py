@@ -81,6 +81,9 @@ def triton_ready() -> bool:
 
 def make_llm(path: str, *, dtype=None, **engine_args):
     """A `vllm.LLM` on the folder with the SPRM model class, the worker extension and prefix caching."""
+    # vLLM logs to stdout by default, which would mix with a command's output (`sprm generate --json`): stderr,
+    # unless the user chose. Set before vLLM's first import (its logging is configured then, in every process).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from vllm import LLM
 
     register()
@@ -98,6 +101,8 @@ def make_llm(path: str, *, dtype=None, **engine_args):
     kwargs = dict(enable_prefix_caching=True, enforce_eager=on_cpu, seed=0)
     if on_cpu:  # CPU's default block of 128 tokens would leave short thinking without a cached block to reuse
         kwargs["block_size"] = CPU_BLOCK_SIZE
+    elif not engine_args.get("enforce_eager"):  # full graphs replay no Python: the head's outputs would not arrive
+        kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     kwargs.update(engine_args)
     return LLM(
         model=path,

@@ -61,15 +61,18 @@ class VLLMReflectiveModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, *, dtype=None, lang: str = "en", device: str | None = None, **engine_args
-    ) -> VLLMReflectiveModel:
+        cls, path: str, *, dtype=None, lang: str = "en", device: str | None = None, backend: str | None = None,
+        **engine_args,
+    ) -> VLLMReflectiveModel:  # fmt: skip
         """Load an official-layout folder (HF model + tokenizer + `score_module.pt` or `sprm_head.safetensors`).
 
         dtype: default float32 on CPU (as the HF engine) and the checkpoint's dtype on CUDA. `engine_args` go to
         `vllm.LLM` (e.g. gpu_memory_utilization, max_model_len, tensor_parallel_size); the engine sets
         enable_prefix_caching, the model class, the worker extension and, on CPU, enforce_eager. device: None or
-        the platform vLLM was built for ("cpu" or "cuda"); vLLM has no per-engine device choice.
+        the platform vLLM was built for ("cpu" or "cuda"); vLLM has no per-engine device choice. backend: taken
+        for the HF engine's callers; the head's route inside vLLM is fixed (PyTorch on CPU, Triton on CUDA).
         """
+        _check_backend(backend)
         from transformers import AutoTokenizer
 
         if not os.path.isdir(path):
@@ -129,6 +132,8 @@ class VLLMReflectiveModel:
 
     def _score_sequences(self, sequences: list[list[int]], return_all_scores: bool) -> list[ScoreResult]:
         todo = [i for i, s in enumerate(sequences) if s]
+        if not todo:
+            return [ScoreResult(0.0, [] if return_all_scores else None, list(s), []) for s in sequences]
         positions = self._scored_positions([sequences[i] for i in todo])
         keys = [self._new_key() for _ in todo]
         requests = [
@@ -192,6 +197,7 @@ class VLLMReflectiveModel:
         answer_all: bool = False,
         return_features: bool = False,
         progress: bool = False,
+        backend: str | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Best-of-k reflective generation, as `ReflectiveModel.generate` (same options, results and choice rule).
 
@@ -205,6 +211,7 @@ class VLLMReflectiveModel:
             temperature=temperature, top_p=top_p, answer_temperature=answer_temperature, seed=seed,
             return_features=return_features, answer_all=answer_all,
         )  # fmt: skip
+        _check_backend(backend)
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected a bool, got {progress!r}")
         single = isinstance(prompt_or_prompts, str) or (
@@ -344,3 +351,8 @@ def _row_seed(seed: int | None, prompt: int, row: int, k: int, *, answer: bool =
     if seed is None:
         return None
     return (seed * 1_000_003 + 2 * (prompt * k + row) + int(answer)) % (2**63)
+
+
+def _check_backend(backend) -> None:
+    if backend not in (None, "auto", "torch", "triton"):
+        raise ValueError(f"backend: expected None, 'auto', 'torch' or 'triton', got {backend!r}")
