@@ -17,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from sprm_kernels.model import GenerationParams, ReflectiveModel, choose_best  # noqa: E402
 from sprm_kernels.model.cli import SHIPPED_DIR  # noqa: E402
+from sprm_kernels.model.task import problems  # noqa: E402
 from sprm_kernels.model.tiny import make_tiny_head, save_tiny_reflective  # noqa: E402
 
 TOL = 1e-4
@@ -38,7 +39,8 @@ def tiny_path(tmp_path_factory):
 def engines(tiny_path):
     from sprm_kernels.model.vllm import VLLMReflectiveModel
 
-    engine = VLLMReflectiveModel.from_pretrained(tiny_path, max_model_len=256)
+    # A small step budget splits prefills over steps (the recorder joins them; seeded rows survive it on CPU).
+    engine = VLLMReflectiveModel.from_pretrained(tiny_path, max_model_len=256, max_num_batched_tokens=256)
     yield engine, ReflectiveModel.from_pretrained(tiny_path, device="cpu")
     engine.close()
 
@@ -133,7 +135,7 @@ def test_markers_in_the_prompt_score_prompt_positions_even_from_the_prefix_cache
     """A prompt with steps and its own `<think>`: a row writing `<think>` again moves the span start to 0, so prompt
     positions are scored, and k rows share the prompt (the prefix cache may serve it to all but one)."""
     vllm_engine, hf = engines
-    prompt = "1.\n\n2.\n\n3.\n\n4.\n\n5.\n\n6.\n\n7.\n\n8.\n\n<think>1.\n\n"
+    prompt = "".join(f"{i % 10}.\n\n" for i in range(20)) + "<think>1.\n\n"
     options = dict(k=4, max_think_tokens=40, max_answer_tokens=2, temperature=1.0, top_p=1.0)
     first = vllm_engine.generate(prompt, seed=3, **options)
     again = vllm_engine.generate([prompt, prompt], seed=4, **options)  # the prompt's first block is cached now
@@ -212,10 +214,13 @@ def test_info_describes_the_vllm_engine(engines, tiny_path):
 def test_shipped_model_many_prompts_match_the_hf_engine(vllm_shipped):
     """The shipped model's folder holds sprm_head.safetensors beside model.safetensors (vLLM reads both)."""
     hf = ReflectiveModel.from_pretrained(SHIPPED_DIR, device="cpu")
-    prompts = [f"{a}+{b}+{c}=?" for a, b, c in [(1, 2, 3), (4, 8, 1), (9, 9, 9), (5, 0, 7), (2, 6, 3), (3, 3, 1)]]
+    prompts = [problem.prompt for problem in problems("test", 6, seed=5)]  # the task it was trained on: 6 terms
     results = vllm_shipped.generate(prompts, k=4, seed=0, max_think_tokens=60, max_answer_tokens=4)
     assert_same_scores(results, hf)
     assert sum(len(c.score_positions) for r in results for c in r.candidates) >= 4 * len(prompts)
-    assert all(r.stats.answer_cached_tokens > 0 for r in results)
+    for r in results:  # every full KV block of the chosen thinking came from the prefix cache
+        written = len(r.prompt_token_ids) + len(r.candidates[r.best].token_ids) - 1
+        assert r.stats.answer_cached_tokens == written // BLOCK * BLOCK
+    assert sum(r.stats.answer_cached_tokens for r in results) > 0
     sums = [str(sum(int(term) for term in p.removesuffix("=?").split("+"))) for p in prompts]
     assert sum(r.answer.strip() == total for total, r in zip(sums, results, strict=True)) >= 4  # the model works

@@ -8,7 +8,8 @@ What this module relies on, per vLLM release (check these when moving the range)
 - v1 model runner: `execute_model(scheduler_output, ...)` runs the forward; `input_batch.req_ids` is the flat
   batch's request order and `scheduler_output.num_scheduled_tokens[req_id]` each request's token count;
   `requests[req_id].sampling_params.extra_args` carries the engine's key.
-- `worker_extension_cls` + `LLM.collective_rpc`; `SamplingParams(extra_args=..., skip_reading_prefix_cache=...)`;
+- `LLM._add_completion_requests` and `LLM.llm_engine.step()` (requests added while the engine runs, `Stepper`);
+  `worker_extension_cls` + `LLM.collective_rpc`; `SamplingParams(extra_args=..., skip_reading_prefix_cache=...)`;
   `RequestOutput.num_cached_tokens`; the loader streams every `*.safetensors` of a local folder into
   `load_weights` (so the model drops the head's tensors, `model.py`).
 """
@@ -180,6 +181,47 @@ def run(llm, requests, progress: bool = False) -> list:
     return completions
 
 
+class Stepper:
+    """Requests added while vLLM runs, each returned as soon as it finishes (what `LLM.generate` does inside:
+    `_add_completion_requests`, then `llm_engine.step()` until nothing is left)."""
+
+    def __init__(self, llm, progress: bool = False):
+        self.llm = llm
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="requests", total=0, leave=False)
+
+    def add(self, requests) -> list[str]:
+        if not requests:
+            return []
+        if self.bar is not None:
+            self.bar.total += len(requests)
+        prompts = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
+        added = self.llm._add_completion_requests(prompts=prompts, params=[p for _, p in requests], use_tqdm=False)
+        # Returned: the engine's ids, "<LLM's counter>-<8 random hex>"; outputs carry the counter part only.
+        return [request_id.rsplit("-", 1)[0] for request_id in added]
+
+    def step(self) -> list:
+        """(request id, first completion with the request's `num_cached_tokens`) of each request that finished."""
+        finished = []
+        for output in self.llm.llm_engine.step():
+            if output.finished:
+                completion = output.outputs[0]
+                completion.num_cached_tokens = output.num_cached_tokens or 0
+                finished.append((output.request_id, completion))
+        if self.bar is not None:
+            self.bar.update(len(finished))
+        return finished
+
+    def busy(self) -> bool:
+        busy = self.llm.llm_engine.has_unfinished_requests()
+        if not busy and self.bar is not None:
+            self.bar.close()
+        return busy
+
+
 def install_recorder(llm, step_token_ids, think_start_id: int) -> None:
     llm.collective_rpc("sprm_install", args=(list(step_token_ids), int(think_start_id)))
 
@@ -234,3 +276,24 @@ def wrap_model_runner(runner, recorder) -> None:
         return result
 
     runner.execute_model = execute_model
+    if runner.device.type == "cpu":
+        _skip_generator_rewind(runner)
+
+
+def _skip_generator_rewind(runner) -> None:
+    """vLLM 0.32 on CPU: when a seeded request's prefill is split over two steps, `_bookkeeping_sync` rewinds its
+    generator with `set_offset`, which CPU generators lack ("CPU Generator does not use offset"), and the engine
+    dies. The rewind only makes the discarded sample not consume randomness; without it a seeded request is still
+    reproducible for the same scheduling. The generators are hidden from that one method (nothing else in it
+    reads them)."""
+    original = runner._bookkeeping_sync
+
+    def bookkeeping_sync(*args, **kwargs):
+        batch = runner.input_batch
+        generators, batch.generators = batch.generators, {}
+        try:
+            return original(*args, **kwargs)
+        finally:
+            batch.generators = generators
+
+    runner._bookkeeping_sync = bookkeeping_sync

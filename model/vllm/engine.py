@@ -3,11 +3,11 @@
 
 generate: every prompt's k thinking rows are submitted at once (one request per row, its own seed) and vLLM batches
 them continuously; each row stops at `</think>` or `max_think_tokens`. The head runs inside vLLM's forward on
-the layer L-2 state of every token (`model.py`) and the worker keeps the logits by request (`recorder.py`). Once
-the rows are done the engine applies SPEC 3 to each final sequence, fetches the logits at exactly those
-positions (no second pass over the thinking), scores (SPEC 4), chooses (`selection.choose_best`), then sends
-one answer request per prompt: prompt + the chosen thinking (+ `</think>` for an unfinished row), whose KV
-vLLM's prefix cache serves (`stats.answer_cached_tokens`).
+the layer L-2 state of every token (`model.py`) and the worker keeps the logits by request (`recorder.py`). As
+soon as a prompt's k rows are done the engine applies SPEC 3 to each final sequence, fetches the logits at
+exactly those positions (no second pass over the thinking), scores (SPEC 4), chooses (`selection.choose_best`)
+and adds the prompt's answer request while other prompts still think: prompt + the chosen thinking
+(+ `</think>` for an unfinished row), whose KV vLLM's prefix cache serves (`stats.answer_cached_tokens`).
 
 score: one prefill-only request per sequence (max_tokens 1, prefix cache not read so that every position goes
 through the model), the logits at the SPEC 3 positions; the same `ScoreResult`s as the HF engine.
@@ -231,111 +231,157 @@ class VLLMReflectiveModel:
         return results[0] if single else results
 
     def _generate(self, prompt_ids: list[list[int]], params: GenerationParams, progress: bool):
-        k = params.num_candidates
-        seconds, clock = {}, time.perf_counter()
-        rows = [(p, j) for p in range(len(prompt_ids)) for j in range(k)]
-        keys = [self._new_key() for _ in rows]
-        requests = []
-        for (p, j), key in zip(rows, keys, strict=True):
-            extra = {EXTRA_KEY: key, EXTRA_FEATURES: params.return_features}
-            sampling = compat.sampling_params(
-                max_tokens=params.max_think_tokens, temperature=params.temperature, top_p=params.top_p,
-                seed=_row_seed(params.seed, p, j, k), stop_token_ids=[self.think_end_id], ignore_eos=True,
-                extra_args=extra,
-            )  # fmt: skip
-            requests.append((prompt_ids[p], sampling))
+        """All rows go in at once; as soon as a prompt's k rows are done its candidates are scored, chosen and its
+        answer request goes in, while other prompts still think (vLLM batches them all continuously)."""
+        k, n = params.num_candidates, len(prompt_ids)
+        clock = time.perf_counter()
+        seconds = {"think": 0.0, "select": 0.0}
+        keys = [[self._new_key() for _ in range(k)] for _ in range(n)]
+        outputs = [[None] * k for _ in range(n)]
+        waiting, candidates, best = [k] * n, [None] * n, [None] * n
+        answers, deferred = {}, []
+        stepper = compat.Stepper(self.llm, progress)
         try:
-            outputs = compat.run(self.llm, requests, progress=progress)
-            seconds["think"] = time.perf_counter() - clock
-            responses = [out.token_ids for out in outputs]
-            sequences = [prompt_ids[p] + r for (p, _), r in zip(rows, responses, strict=True)]
-            positions = self._scored_positions(sequences)
-            fetched = compat.fetch(self.llm, dict(zip(keys, positions, strict=True)), features=params.return_features)
+            rows = [(p, j) for p in range(n) for j in range(k)]
+            thinking = dict(zip(stepper.add([self._think_request(prompt_ids[p], params, p, j, keys[p][j])
+                                            for p, j in rows]), rows, strict=True))  # fmt: skip
+            answering = {}
+            while stepper.busy():
+                done = []
+                for request_id, out in stepper.step():
+                    if request_id in answering:
+                        answers[answering[request_id]] = out
+                        continue
+                    p, j = thinking[request_id]
+                    outputs[p][j] = out
+                    waiting[p] -= 1
+                    done += [p] if not waiting[p] else []
+                if not done:
+                    continue
+                if not any(waiting):
+                    seconds["think"] = time.perf_counter() - clock
+                tick = time.perf_counter()
+                self._select(done, prompt_ids, outputs, keys, params, candidates, best)
+                deferred += [p for p in done if candidates[p] is None]
+                ready = [p for p in done if candidates[p] is not None]
+                requests = self._answer_requests(ready, prompt_ids, candidates, best, params)
+                answering.update(zip(stepper.add([r for _, r in requests]), [row for row, _ in requests], strict=True))
+                seconds["select"] += time.perf_counter() - tick
         finally:
-            compat.drop(self.llm, keys)
-        # Positions the prefix cache served never went through the model (only prompt positions, rarely scored):
-        # those sequences are scored by a prefill-only request instead, with their features read likewise.
-        missing = [i for i, key in enumerate(keys) if any(v is None for v in fetched[key][0])]
-        rescored = dict(zip(missing, self._score_sequences([sequences[i] for i in missing], True), strict=True))
-        if missing and params.return_features:
-            raise RuntimeError("sprm: return_features with scored prompt positions served by the prefix cache")
-        candidates = []
-        for i, (key, response) in enumerate(zip(keys, responses, strict=True)):
-            values, rows_h = fetched[key]
-            if i in rescored:
-                value, probs = rescored[i].value, rescored[i].all_scores
-            else:
-                value, probs = _score(values)
-            features = None
+            compat.drop(self.llm, [key for row in keys for key in row])
+        if deferred:  # scored prompt positions the prefix cache served: prefill-only scoring, then the answers
+            tick = time.perf_counter()
+            self._select(deferred, prompt_ids, outputs, keys, params, candidates, best, rescore=True)
+            requests = self._answer_requests(deferred, prompt_ids, candidates, best, params)
+            answers.update(
+                zip([row for row, _ in requests], compat.run(self.llm, [r for _, r in requests]), strict=True)
+            )
+            seconds["select"] += time.perf_counter() - tick
+        seconds["answer"] = time.perf_counter() - clock - seconds["think"] - seconds["select"]
+        return [self._result(p, prompt_ids[p], outputs[p], candidates[p], best[p], answers, params, seconds)
+                for p in range(n)]  # fmt: skip
+
+    def _think_request(self, prompt, params: GenerationParams, p: int, j: int, key: str):
+        sampling = compat.sampling_params(
+            max_tokens=params.max_think_tokens, temperature=params.temperature, top_p=params.top_p,
+            seed=_row_seed(params.seed, p, j, params.num_candidates), stop_token_ids=[self.think_end_id],
+            ignore_eos=True, extra_args={EXTRA_KEY: key, EXTRA_FEATURES: params.return_features},
+        )  # fmt: skip
+        return prompt, sampling
+
+    def _select(self, prompts, prompt_ids, outputs, keys, params, candidates, best, rescore=False) -> None:
+        """Candidates and choice of each prompt in `prompts` (written into `candidates`, `best`), from the logits the
+        worker kept at exactly the positions the rule scores. A prompt with a scored position that the prefix
+        cache served (no logit) is left None unless `rescore`, which scores its rows by prefill-only requests."""
+        rows = [(p, j) for p in prompts for j in range(params.num_candidates)]
+        sequences = [prompt_ids[p] + list(outputs[p][j].token_ids) for p, j in rows]
+        positions = self._scored_positions(sequences)
+        wanted = {keys[p][j]: where for (p, j), where in zip(rows, positions, strict=True)}
+        fetched = {} if rescore else compat.fetch(self.llm, wanted, features=params.return_features)
+        if rescore:
             if params.return_features:
-                features = rows_h if positions[i] else torch.empty(0, self.hidden_size)
-                features = features.to(compat.torch_dtype(self._dtype))
-            candidates.append(
+                raise RuntimeError("sprm: return_features with scored prompt positions served by the prefix cache")
+            scored = self._score_sequences(sequences, True)
+        by_prompt = {p: [] for p in prompts}
+        for i, ((p, j), sequence, where) in enumerate(zip(rows, sequences, positions, strict=True)):
+            if rescore:
+                value, probs = scored[i].value, scored[i].all_scores
+                features = None
+            else:
+                values, features = fetched[keys[p][j]]
+                if any(v is None for v in values):
+                    by_prompt[p] = None
+                if by_prompt[p] is None:
+                    continue
+                value, probs = _score(values)
+                if params.return_features:
+                    rows_h = torch.tensor(features, dtype=torch.float32).reshape(len(where), self.hidden_size)
+                    features = rows_h.to(compat.torch_dtype(self._dtype))
+            response = sequence[len(prompt_ids[p]) :]
+            by_prompt[p].append(
                 Candidate(
-                    token_ids=list(response),
+                    token_ids=response,
                     text=self.tokenizer.decode(response, skip_special_tokens=False),
                     score=value,
                     step_scores=probs,
-                    score_positions=positions[i],
+                    score_positions=where,
                     finished=bool(response) and response[-1] == self.think_end_id,
                     step_features=features,
                 )
             )
-        per_prompt = [candidates[p * k : (p + 1) * k] for p in range(len(prompt_ids))]
-        best = [choose_best([c.score for c in cs], [c.finished for c in cs]) for cs in per_prompt]
-        seconds["select"] = time.perf_counter() - clock - seconds["think"]
+        for p, cs in by_prompt.items():
+            candidates[p] = cs
+            if cs is not None:
+                best[p] = choose_best([c.score for c in cs], [c.finished for c in cs])
 
-        answer_rows = [(p, j) for p in range(len(prompt_ids)) for j in range(k) if params.answer_all or j == best[p]]
-        answers = {}
-        if params.max_answer_tokens > 0:
-            requests = []
-            for p, j in answer_rows:
-                candidate = per_prompt[p][j]
+    def _answer_requests(self, prompts, prompt_ids, candidates, best, params):
+        """((prompt, row), request) of each answer to write: the chosen row's, or every row's with answer_all."""
+        if params.max_answer_tokens == 0:
+            return []
+        requests = []
+        for p in prompts:
+            for j, candidate in enumerate(candidates[p]):
+                if not (params.answer_all or j == best[p]):
+                    continue
                 ids = prompt_ids[p] + candidate.token_ids + ([] if candidate.finished else [self.think_end_id])
                 sampling = compat.sampling_params(
                     max_tokens=params.max_answer_tokens, temperature=params.answer_sampling_temperature,
-                    top_p=params.top_p, seed=_row_seed(params.seed, p, j, k, answer=True),
+                    top_p=params.top_p, seed=_row_seed(params.seed, p, j, params.num_candidates, answer=True),
                     stop_token_ids=self.eos_token_ids,
                 )  # fmt: skip
-                requests.append((ids, sampling))
-            for (p, j), out, (ids, _) in zip(
-                answer_rows, compat.run(self.llm, requests, progress), requests, strict=True
-            ):
-                answers[p, j] = (list(out.token_ids), len(ids), out.num_cached_tokens)
-        seconds["answer"] = time.perf_counter() - clock - seconds["think"] - seconds["select"]
+                requests.append(((p, j), (ids, sampling)))
+        return requests
 
-        results = []
-        for p, cs in enumerate(per_prompt):
-            answer_fed = answer_cached = 0
-            for j, candidate in enumerate(cs):
-                ids, prompt_len, cached = answers.get((p, j), ([], 0, 0))
-                if (p, j) in answers:
-                    answer_fed += prompt_len - cached + max(len(ids) - 1, 0)
-                    answer_cached += cached
-                if params.answer_all:
-                    candidate.answer_token_ids = ids
-                    candidate.answer = self.tokenizer.decode(ids, skip_special_tokens=True)
-            chosen_ids = answers.get((p, best[p]), ([], 0, 0))[0]
-            outs = outputs[p * k : (p + 1) * k]
-            stats = GenerationStats(
-                prefill_tokens=sum(len(prompt_ids[p]) - o.num_cached_tokens for o in outs),
-                think_decode_tokens=sum(max(len(c.token_ids) - 1, 0) for c in cs),
-                think_generated_tokens=sum(len(c.token_ids) for c in cs),
-                answer_decode_tokens=answer_fed,
-                seconds=dict(seconds),
-                answer_cached_tokens=answer_cached,
-            )
-            results.append(
-                GenerationResult(
-                    candidates=cs,
-                    best=best[p],
-                    answer=self.tokenizer.decode(chosen_ids, skip_special_tokens=True),
-                    answer_token_ids=chosen_ids,
-                    prompt_token_ids=prompt_ids[p],
-                    stats=stats,
-                )
-            )
-        return results
+    def _result(self, p, prompt, outs, cs, best, answers, params, seconds) -> GenerationResult:
+        answer_fed = answer_cached = 0
+        for j, candidate in enumerate(cs):
+            out = answers.get((p, j))
+            ids = [] if out is None else list(out.token_ids)
+            if out is not None:
+                fed = len(prompt) + len(candidate.token_ids) + (0 if candidate.finished else 1)
+                answer_fed += fed - out.num_cached_tokens + max(len(ids) - 1, 0)
+                answer_cached += out.num_cached_tokens
+            if params.answer_all:
+                candidate.answer_token_ids = ids
+                candidate.answer = self.tokenizer.decode(ids, skip_special_tokens=True)
+        chosen = answers.get((p, best))
+        chosen_ids = [] if chosen is None else list(chosen.token_ids)
+        stats = GenerationStats(
+            prefill_tokens=sum(len(prompt) - o.num_cached_tokens for o in outs),
+            think_decode_tokens=sum(max(len(c.token_ids) - 1, 0) for c in cs),
+            think_generated_tokens=sum(len(c.token_ids) for c in cs),
+            answer_decode_tokens=answer_fed,
+            seconds=dict(seconds),
+            answer_cached_tokens=answer_cached,
+        )
+        return GenerationResult(
+            candidates=cs,
+            best=best,
+            answer=self.tokenizer.decode(chosen_ids, skip_special_tokens=True),
+            answer_token_ids=chosen_ids,
+            prompt_token_ids=prompt,
+            stats=stats,
+        )
 
 
 def _score(logits: list[float]) -> tuple[float, list[float]]:

@@ -73,7 +73,7 @@ class StepRecorder:
 
     def fetch(self, wanted: dict[str, list[int]], features: bool = False) -> dict:
         """{key: (logits, rows)} at the wanted positions (None where a position has no value); drops the records.
-        rows: a [n, H] CPU tensor when `features` (None if a row is missing), else None."""
+        rows: [n][H] floats when `features` (None if a row is missing), else None."""
         found = {}
         for key, wanted_positions in wanted.items():
             record = self.records.pop(key, None)
@@ -86,8 +86,8 @@ class StepRecorder:
                 if record.pending is not None:
                     kept.setdefault(record.pending[0], record.pending[2])
                 picked = [kept.get(t) for t in wanted_positions]
-                if all(row is not None for row in picked):
-                    rows = torch.stack(picked).cpu() if picked else torch.empty(0, 0)
+                if all(row is not None for row in picked):  # nested float lists: what the RPC carries as sent
+                    rows = torch.stack(picked).float().tolist() if picked else []
             found[key] = (logits, rows)
         return found
 
