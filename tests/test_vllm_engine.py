@@ -224,3 +224,16 @@ def test_shipped_model_many_prompts_match_the_hf_engine(vllm_shipped):
     assert sum(r.stats.answer_cached_tokens for r in results) > 0
     sums = [str(sum(int(term) for term in p.removesuffix("=?").split("+"))) for p in prompts]
     assert sum(r.answer.strip() == total for total, r in zip(sums, results, strict=True)) >= 4  # the model works
+
+
+def test_train_collect_takes_the_vllm_engine(engines):
+    """`train collect --engine vllm`: rollouts with the layer L-2 rows of every scored step."""
+    from sprm_kernels.model.train import collect
+
+    vllm_engine, hf = engines
+    rollouts = collect(
+        vllm_engine, ["1+2=?", "3+4=?"], lambda prompt, answer: True, 3, label_from="thinking",
+        max_think_tokens=30, temperature=1.0, top_p=1.0, progress=False,
+    )  # fmt: skip
+    assert rollouts.features.shape[1] == 128 and rollouts.features.shape[0] == rollouts.offsets[-1]
+    assert rollouts.features.shape[0] > 0
