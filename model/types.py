@@ -45,6 +45,9 @@ class GenerationStats:
     seconds: dict[str, float] = field(default_factory=dict)  # prefill, think, select, answer (search: forward)
     padded_decode_tokens: int = 0  # search: masked padding rows in decode forwards (rows waiting at a step)
     rounds: int = 0  # search: steps of the search (one selection each)
+    # Answer-phase prompt tokens served from a prefix cache instead of going through the model (vLLM engine; the HF
+    # engine continues from the chosen row's own KV and feeds no prompt token again, so 0 there).
+    answer_cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

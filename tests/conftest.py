@@ -64,3 +64,15 @@ def ray_local():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vllm_shipped():
+    """One vLLM engine on the shipped model for the whole session (each engine start costs 20 s or more)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from sprm_kernels.model import load_engine
+    from sprm_kernels.model.cli import SHIPPED_DIR
+
+    engine = load_engine(SHIPPED_DIR, engine="vllm")
+    yield engine
+    engine.close()

@@ -22,8 +22,9 @@ PROMPT = "4+8+1+6+9+3=?"
 
 @pytest.fixture(scope="module", params=ENGINE_PARAMS)
 def engine(request):
-    kwargs = {"device": "cpu"} if request.param == "hf" else {}
-    return load_engine(SHIPPED_DIR, engine=request.param, **kwargs)
+    if request.param == "vllm":
+        return request.getfixturevalue("vllm_shipped")  # one vLLM engine per session (conftest)
+    return load_engine(SHIPPED_DIR, engine=request.param, device="cpu")
 
 
 def test_engine_satisfies_the_protocol_and_describes_itself(engine):

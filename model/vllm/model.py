@@ -1,0 +1,98 @@
+"""The policy with its SPRM head inside vLLM's forward: `SPRMQwen2ForCausalLM` and `SPRMLlamaForCausalLM`.
+
+Each wraps vLLM's own model class and asks its decoder for the input of layer L-1, which is the output of layer
+L-2 (the residual stream, `hidden + residual`: vLLM fuses the residual add into the next layer's norm), through
+the same `aux_hidden_state_layers` path that EAGLE-3 uses. The head runs on that state for every token of the
+step, in the same forward that produces the logits the sampler draws from: the step logit of position t is
+computed from exactly the state that predicted token t+1. The logits land in a buffer that the worker extension
+(`worker.py`) reads after the step; nothing else changes, so sampling, KV cache and scheduling are vLLM's.
+
+The head is read from the model folder by the worker itself (`sprm_head.safetensors` or `score_module.pt`); vLLM's
+loader reads every `*.safetensors` of the folder, so `load_weights` drops the head's tensors from its stream.
+
+GPU notes (see CONTRIBUTING, "vLLM engine"): the head is two matmuls, a ReLU and a dot product on the [N, H]
+slice, with no host synchronisation and no data-dependent shape, so it can be captured in a CUDA graph and traced
+by torch.compile; on CUDA it is one Triton launch (`launch_step_logits`) instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sprm_kernels.torch_ops import head_logits_fp32
+
+from ..head import STATE_KEYS, SPRMHead
+from . import compat
+
+
+class _HeadState(nn.Module):
+    """The head's weights (fp32 copies of the model-dtype weights, as the HF engine computes) and the outputs of
+    the latest forward."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.register_buffer("w1", torch.zeros(2 * hidden_size, hidden_size), persistent=False)
+        self.register_buffer("b1", torch.zeros(2 * hidden_size), persistent=False)
+        self.register_buffer("w2", torch.zeros(1, 2 * hidden_size), persistent=False)
+        self.register_buffer("b2", torch.zeros(1), persistent=False)
+        self.last = None  # (positions [N], input_ids [N], logits [N] fp32, features [N, H]) of the latest forward
+
+    def load(self, path: str, dtype: torch.dtype) -> None:
+        head = SPRMHead.from_pretrained(path)
+        if head.hidden_size != self.hidden_size:
+            raise ValueError(f"{path}: expected an SPRM head with H={self.hidden_size}, got H={head.hidden_size}")
+        for name, value in zip(("w1", "b1", "w2", "b2"), head.kernel_weights(), strict=True):
+            buffer = getattr(self, name)
+            # Rounded to the model's dtype first, as the HF engine moves its head to the model's dtype.
+            buffer.copy_(value.to(dtype).to(device=buffer.device, dtype=buffer.dtype).reshape(buffer.shape))
+
+    def forward(self, features: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+        if features.is_cuda and compat.triton_ready():
+            from sprm_kernels.kernels.step_logits import launch_step_logits
+
+            rows = torch.arange(features.shape[0], device=features.device)
+            w1 = self.w1.to(features.dtype)
+            logits = launch_step_logits(features, rows, w1, self.b1, self.w2.reshape(-1), self.b2)
+        else:
+            logits = head_logits_fp32(features, self.w1, self.b1, self.w2, self.b2)
+        self.last = (positions, input_ids, logits, features)
+
+
+def _with_sprm_head(base: type) -> type:
+    class SPRMForCausalLM(base):
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            config = vllm_config.model_config.hf_config
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            num_layers = config.num_hidden_layers
+            if num_layers < 2:
+                raise ValueError(
+                    f"model: expected at least 2 decoder layers (the head reads layer L-2), got {num_layers}"
+                )
+            compat.capture_layer_input(self, num_layers - 1)  # the input of layer L-1 = the output of layer L-2
+            self.sprm_path = vllm_config.model_config.model
+            self.sprm_dtype = vllm_config.model_config.dtype
+            self.sprm = _HeadState(config.hidden_size)
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            output = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+            hidden, captured = compat.split_captured(output)
+            self.sprm(captured, positions, input_ids)
+            return hidden
+
+        def load_weights(self, weights):
+            # vLLM's loader streams every *.safetensors of the folder, sprm_head.safetensors included: its tensors
+            # (named 0.weight ... 3.bias) are the head's, which is read from the folder below instead.
+            loaded = super().load_weights((name, w) for name, w in weights if name not in STATE_KEYS)
+            self.sprm.load(self.sprm_path, self.sprm_dtype)
+            return loaded
+
+    SPRMForCausalLM.__name__ = SPRMForCausalLM.__qualname__ = f"SPRM{base.__name__}"
+    return SPRMForCausalLM
+
+
+_BASES = compat.base_classes()
+SPRMQwen2ForCausalLM = _with_sprm_head(_BASES["SPRMQwen2ForCausalLM"])
+SPRMLlamaForCausalLM = _with_sprm_head(_BASES["SPRMLlamaForCausalLM"])
