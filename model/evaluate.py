@@ -184,7 +184,7 @@ def evaluate(
             rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
         )
         bce_scores = None
-        if os.path.isdir(bce_head_dir):
+        if os.path.isdir(bce_head_dir) and hasattr(rm, "with_head"):  # the vLLM engine has one head
             bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
             bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
     per_problem = selection_metrics(samples, problems, ks, bce_scores=bce_scores, seed=seed)

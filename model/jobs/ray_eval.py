@@ -31,7 +31,7 @@ class EvalWorker:
 
         self.rm = load_engine(model_dir, engine=engine, device=device, backend="torch")
         self.bce = None
-        if bce_head_dir and os.path.isdir(bce_head_dir):
+        if bce_head_dir and os.path.isdir(bce_head_dir) and hasattr(self.rm, "with_head"):
             self.bce = self.rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
         self.options = dict(k=k, temperature=temperature, seed=seed, max_answer_tokens=max_answer_tokens)
 
