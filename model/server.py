@@ -23,8 +23,13 @@ Design:
   fails (500 with a message); the server keeps serving.
 - Back-pressure: at most `max_queue` texts and generations are in the server's hands (queued or running); more
   get 503 with `Retry-After`.
-- Shutdown: on SIGTERM uvicorn stops accepting, waits for the requests in flight, then runs the lifespan shutdown,
-  which is what stops the batching task and the worker thread: it serves until the last request is answered.
+- Shutdown (`serve`): on SIGTERM the server first drains: it keeps its socket and its connections open, finishes
+  the requests in flight, answers every new request 503 with Retry-After, and marks every response
+  `Connection: close`, until nothing is in flight and no request came for DRAIN_QUIET_SECONDS (at most
+  DRAIN_MAX_SECONDS of 503s after the last request in flight). Only then does uvicorn close the socket and the
+  idle connections and run the lifespan shutdown, which stops the batching task and the worker thread. So every
+  request the server has read gets an answer: the 200 it was being served, or a 503. What it cannot answer is a
+  request it never read: one sent on an idle connection, or a connection made, in the instant it closes them.
 
 There is no TLS: bind to loopback (the default) or put a TLS-terminating proxy in front. `token` only guards
 against other local users or a misconfigured bind; over plain HTTP it travels in clear.
@@ -522,6 +527,73 @@ def create_app(
     return app
 
 
+DRAIN_QUIET_SECONDS = 1.0
+DRAIN_MAX_SECONDS = 10.0
+
+
+class _Drain:
+    """Pure ASGI wrapper (outermost): counts the requests in flight; once `drain` has begun (SIGTERM), answers new
+    requests 503 with Retry-After and marks every response `Connection: close` (see the module docstring)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.draining = False
+        self.in_flight = 0
+        self.last_arrival = 0.0
+        self.read = 0  # requests the server has read (their head): each must get an answer
+        self.answered = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.last_arrival = time.monotonic()
+        self.read += 1
+
+        async def send_counted(message):
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.answered += 1
+            await send(message)
+
+        if self.draining:
+            # Read the body first (and drop it): closing a socket with unread bytes resets the connection, and the
+            # client would lose the answer.
+            message = {"more_body": True}
+            while message.get("more_body", False):
+                message = await receive()
+            detail = "shutting down: retry later (or on another server)"
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"}
+            await JSONResponse({"detail": detail}, 503, headers=headers)(scope, receive, send_counted)
+            return
+
+        async def send_closing(message):
+            if self.draining and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send_counted(message)
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send_closing)
+        finally:
+            self.in_flight -= 1
+
+    async def drain(self, forced: Callable[[], bool]) -> None:
+        """Returns once nothing is in flight and no request came for DRAIN_QUIET_SECONDS (or DRAIN_MAX_SECONDS of
+        503s passed since the last request in flight ended), or at once when `forced()` (a second Ctrl-C)."""
+        self.draining = True
+        logger.info("draining: finishing %d requests in flight, answering new ones 503", self.in_flight)
+        idle_since = None
+        while not forced():
+            now = time.monotonic()
+            if self.in_flight:
+                idle_since = None
+            else:
+                idle_since = idle_since or now
+                if now - self.last_arrival >= DRAIN_QUIET_SECONDS or now - idle_since >= DRAIN_MAX_SECONDS:
+                    break
+            await asyncio.sleep(0.02)
+
+
 def serve(
     model: ReflectiveModel,
     *,
@@ -549,12 +621,20 @@ def serve(
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --token: anyone who can reach this port can use the model", host)
     logger.info("no TLS: keep the server on loopback or put a TLS-terminating proxy in front")
+    drain = _Drain(app)
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):  # uvicorn's shutdown closes the socket and the idle connections
+            await drain.drain(lambda: self.force_exit)
+            await super().shutdown(sockets=sockets)
+            logger.info("stopped: answered %d of the %d requests read", drain.answered, drain.read)
+
     # timeout_graceful_shutdown None: on SIGTERM, wait for every request in flight however long it takes (a second
     # SIGINT forces the exit).
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None
+        drain, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     if threading.current_thread() is not threading.main_thread():
         server.run()
         return

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -533,15 +534,63 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tmp_path):
         child.send_signal(signal.SIGTERM)
         assert status["queue_depth"] >= 2, status  # requests in flight at SIGTERM
         time.sleep(0.5)
-        with pytest.raises(httpx.ConnectError):  # no new connection is taken once shutting down
-            httpx.get(f"{base}/health", timeout=5.0)
+        late = httpx.get(f"{base}/health", timeout=5.0)  # draining: a new request is answered, with a 503
+        assert late.status_code == 503 and late.headers["retry-after"] == "1" and late.headers["connection"] == "close"
         client.join(120)
         assert not client.is_alive()
         assert child.wait(60) == 0, log_path.read_text()
+        with pytest.raises(httpx.ConnectError):  # stopped: no connection is taken
+            httpx.get(f"{base}/health", timeout=5.0)
     log_text = log_path.read_text()
     assert [r.status_code for r in responses] == [200] * len(requests), log_text
     assert all(len(r.json()["candidates"]) == 16 for r in responses[:4])
     assert "Traceback" not in log_text and "batch of " in log_text and "generate: 16 candidates" in log_text
+
+
+def test_sigterm_during_a_burst_answers_every_request_it_read(tmp_path):
+    """201 requests from 32 keep-alive clients, SIGTERM after the 60th answer. Every request the server read gets
+    an answer: 200, or 503 with Retry-After once it drains (its own count, logged at exit, and the answers the
+    clients got agree). A client can still fail to connect, or see its connection closed, for a request sent in
+    the instant the drain ends: the server never read those (before the drain, uvicorn closed idle keep-alive
+    connections at once, resetting requests already on their way: 1 to 3 of 201 here)."""
+    total, clients, signal_after = 201, 32, 60
+    text = "<think>" + "12+34=46.\n\n" * 8 + "</think>x"
+    with serve_subprocess(tmp_path) as (child, base, log_path):  # its start: one /health answered
+        statuses, failures, answered = [], [], 0
+
+        async def run():
+            nonlocal answered
+            pending = iter(range(total))
+            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+            async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT, limits=limits) as client:
+
+                async def client_loop():
+                    nonlocal answered
+                    for _ in pending:
+                        try:
+                            response = await client.post("/score", json={"text": text})
+                        except httpx.TransportError as error:
+                            failures.append(type(error).__name__)
+                            continue
+                        statuses.append(response.status_code)
+                        if response.status_code == 503:
+                            assert response.headers["retry-after"] == "1", response.headers
+                        answered += 1
+                        if answered == signal_after:
+                            child.send_signal(signal.SIGTERM)
+
+                await asyncio.gather(*(client_loop() for _ in range(clients)))
+
+        asyncio.run(asyncio.wait_for(run(), 240))
+        assert child.wait(60) == 0, log_path.read_text()
+    log_text = log_path.read_text()
+    counts = re.findall(r"stopped: answered (\d+) of the (\d+) requests read", log_text)
+    assert len(counts) == 1, log_text
+    server_answered, server_read = map(int, counts[0])
+    print(f"{statuses.count(200)} x 200, {statuses.count(503)} x 503, failures {failures}; server {counts[0]}")
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= signal_after
+    assert server_answered == server_read == len(statuses) + 1  # + the start's /health
+    assert len(statuses) + len(failures) == total and "Traceback" not in log_text
 
 
 # -- issue 14: bounded bodies and texts, tokenization off the event loop -----------------------------------------
