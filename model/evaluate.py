@@ -335,6 +335,9 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     check_eval_arguments(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only (checked above): never a download
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for the progress below
     result = evaluate(
         args.model, n=args.n, ks=args.ks, seed=args.seed, bce_head_dir=args.bce_head, progress=not args.quiet,
         threads=args.threads,

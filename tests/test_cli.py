@@ -330,3 +330,18 @@ def test_bench_without_a_checkout_is_a_one_line_error(capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "source_checkout", lambda: None)
     assert_one_line_usage_error(*run(capsys, "bench"), "bench: the benchmarks live in the source checkout")
+
+
+def test_rollout_collection_shows_progress_on_stderr_unless_quiet(capsys, tmp_path, model_dir):
+    from sprm_kernels.model import train
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+1=", "reference": str(a + 1)}) + "\n" for a in range(3)))
+    argv = ["collect", "--model", model_dir, "--prompts", str(prompts), "--k", "2", "--max-think-tokens", "4",
+            "--max-answer-tokens", "2", "--device", "cpu", "--backend", "torch"]  # fmt: skip
+    assert train.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    assert "collect" in err and "3" in err and "rollouts of 3 prompts" in out
+    assert train.main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "collect" not in err and "rollouts of 3 prompts" in out
