@@ -245,8 +245,9 @@ SMALL_MODEL_PARAMETERS = 50_000_000
 def default_threads(model) -> int | None:
     """torch CPU threads for a loaded model: $OMP_NUM_THREADS when set (None: torch already follows it); else 1 on
     CPU for a model under SMALL_MODEL_PARAMETERS, whose ops are too small to split across threads (the shipped
-    0.79M-parameter model: `sprm eval --n 20` 6.6x faster on 1 thread than on torch's default 2 on a shared 2-core
-    machine, see README), else None (torch's default: one per physical core)."""
+    0.79M-parameter model: `sprm eval --n 20` took 75 s on 1 thread and 1441 s on torch's default 2 on a busy
+    2-core machine, see README; the 50M bound itself is a judgment, not measured), else None (torch's default:
+    one per physical core)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     device = getattr(model, "device", None)
