@@ -345,3 +345,13 @@ def test_rollout_collection_shows_progress_on_stderr_unless_quiet(capsys, tmp_pa
     assert train.main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert "collect" not in err and "rollouts of 3 prompts" in out
+
+
+def test_self_check_help_names_itself_and_says_everything(capsys):
+    from sprm_kernels.__main__ import main as self_check
+
+    with pytest.raises(SystemExit) as exit_:
+        self_check(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: python -m sprm_kernels ")
+    assert "which route runs?" in " ".join(out.split())  # the whole description, not its first line
