@@ -210,14 +210,17 @@ def test_eval_usage_errors_exit_2_in_one_line_before_the_run(capsys, monkeypatch
     assert_one_line_usage_error(*run(capsys, "eval", *argv), *names)
 
 
-def test_eval_model_that_is_not_a_local_folder_is_never_looked_up_on_the_hub(capsys, monkeypatch):
-    import huggingface_hub
+def test_a_model_that_is_not_a_local_folder_is_never_looked_up_on_the_hub(capsys, monkeypatch):
+    """A Hub-like id is a missing folder, refused before transformers is asked (which would go to the network)."""
+    from sprm_kernels.model.reflective import ReflectiveModel as Model
 
-    def no_network(*args, **kwargs):
-        raise AssertionError("the Hub was asked")
+    def no_loading(*args, **kwargs):
+        raise AssertionError("from_pretrained was called with a Hub id")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
-    assert_one_line_usage_error(*run(capsys, "eval", "--model", "Qwen/Qwen2-0.5B"), "--model Qwen/Qwen2-0.5B")
+    monkeypatch.setattr(Model, "from_pretrained", no_loading)
+    for command in (["eval"], ["generate", "1+2"], ["score", os.devnull], ["serve"]):
+        status, out, err = run(capsys, *command, "--model", "Qwen/Qwen2-0.5B")
+        assert_one_line_usage_error(status, out, err, "--model Qwen/Qwen2-0.5B: no such folder")
 
 
 def test_eval_reports_the_text_only_baseline_and_progress(capsys):
