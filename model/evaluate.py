@@ -99,6 +99,7 @@ def _vote(answers: list, weights) -> object:
 def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None, seed: int = 0) -> dict:
     """Per method and k: accuracy over problems (subset-averaged), and per-problem values for the CIs."""
     rng = np.random.default_rng(seed)
+    tie_rng = np.random.default_rng([seed, 1])  # its own stream: the other methods' subsets stay as they were
     k_max = len(samples["correct"][0])
     per_problem = {m: {k: [] for k in ks} for m in METHODS}
     for i, problem in enumerate(problems):
@@ -125,7 +126,7 @@ def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None
                 per_problem[name][k].append(correct[chosen].mean())
             # text only: finished first, then the fewest "n" verdicts, ties broken at random (noise below one verdict)
             key = 2.0 * (finished[subsets] * (1 + verdicts_n.max())) - verdicts_n[subsets]
-            key = key + 0.5 * rng.random(subsets.shape)
+            key = key + 0.5 * tie_rng.random(subsets.shape)
             chosen = subsets[np.arange(len(subsets)), key.argmax(-1)]
             per_problem["fewest_n"][k].append(correct[chosen].mean())
             majority, weighted = [], []
