@@ -118,7 +118,8 @@ def token_problem(ids: list[int], limit: int | None) -> tuple[int, str] | None:
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors in one line (`sprm eval: error: argument --n: expected a positive int, got 0`), exit status 2."""
+    """Usage errors in one line (`sprm eval: error: argument --n: expected a positive int, got '0' (see ...)`), exit
+    status 2 (argparse's default prints the usage first)."""
 
     def error(self, message):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -297,7 +298,7 @@ def check_head_folder(path: str, option: str = "--bce-head") -> None:
         raise UsageError(f"{option} {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
 
 
-def load_model(path: str, device: str | None, threads: int | None = None, backend: str | None = None):
+def load_model(path: str, device: str | None, threads: int | None = None):
     """`ReflectiveModel.from_pretrained`, with a one-line UsageError for a missing or malformed folder; then
     `set_threads`."""
     check_model_folder(path)
@@ -309,7 +310,7 @@ def load_model(path: str, device: str | None, threads: int | None = None, backen
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bars on a command's stderr
     try:
-        model = ReflectiveModel.from_pretrained(path, device=device, backend=backend)
+        model = ReflectiveModel.from_pretrained(path, device=device)
     except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {path}: cannot load the model: {message}") from None
