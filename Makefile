@@ -1,4 +1,4 @@
-# Targets assume the project's venv is active (see README: Install).
+# Targets assume the project's venv is active (see README: Quick start).
 .PHONY: install check format test test-gpu aot bench bench-plot
 
 install:

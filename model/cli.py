@@ -6,7 +6,8 @@
     sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]
     sprm bench                                  # the quick benchmarks (from a source checkout)
 
---model defaults to the small model shipped in the package (model/shipped, trained by build_shipped.py).
+--model defaults to the small model shipped in the package (model/shipped, trained by build_shipped.py); it must
+be a local folder (never a Hub id: nothing is downloaded). --threads sets torch's CPU threads (`default_threads`).
 
 Usage errors (a missing or malformed model folder, an unknown mode, an empty question, a bad input line) print one
 line on stderr and exit with status 2. This module also holds the JSON forms of results shared with the server,
@@ -20,6 +21,8 @@ import json
 import math
 import os
 import sys
+
+from sprm_kernels import __version__
 
 from .engine import ENGINES, load_engine
 from .evaluate import add_eval_arguments
@@ -102,11 +105,36 @@ def context_limit(model, max_text_tokens: int | None = None) -> int | None:
     return model.info().context_length
 
 
+def token_problem(ids: list[int], limit: int | None) -> tuple[int, str] | None:
+    """Why a text's token ids cannot be scored, as (HTTP status, message), or None: no tokens at all (a text made
+    only of characters the tokenizer drops), or more than `limit`. Shared by `sprm score` and the server."""
+    if not ids:
+        return 422, "expected a text with at least one token, got none (characters the tokenizer does not know?)"
+    if limit is not None and len(ids) > limit:
+        return 413, f"{len(ids)} tokens, over the limit of {limit} tokens"
+    return None
+
+
 # -- the command line -------------------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`sprm eval: error: argument --n: expected a positive int, got '0' (see ...)`), exit
+    status 2 (argparse's default prints the usage first)."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+THREADS_HELP = (
+    "torch CPU threads (default: $OMP_NUM_THREADS if set, else 1 for a model under 50M parameters on CPU, whose ops "
+    "are too small to share, else torch's default of one per core)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="SPRM scoring and reflective best-of-k generation.")
+    parser = Parser(prog=PROG, description="SPRM scoring and reflective best-of-k generation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_model_options(command):
@@ -117,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--engine", choices=sorted(ENGINES), default="hf", help="hf (transformers) or vllm (default hf)"
         )
+        command.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
 
     serve = commands.add_parser("serve", help="HTTP server: /score, /score_batch, /generate, /health")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="default loopback; there is no TLS (see README)")
-    serve.add_argument("--port", type=int, default=8001)
+    serve.add_argument("--port", type=int, default=8001, help="default: %(default)s")
     serve.add_argument(
         "--max-batch-tokens",
         type=positive_int,
@@ -141,10 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest text accepted (default the model's max_position_embeddings)",
     )
     serve.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=None,
+        help="largest request body, refused with 413 before it is read (default: 12 bytes per character of the "
+        "longest text that fits, at least 1 MiB)",
+    )
+    serve.add_argument(
         "--token",
         default=os.environ.get("SPRM_SERVER_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' (default $SPRM_SERVER_TOKEN; the environment "
-        "keeps it out of the process list)",
+        "keeps it out of the process list; an empty token is refused)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="one log line per request (default: per batch)")
@@ -158,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     size = generate.add_mutually_exclusive_group()
     size.add_argument("--mode", choices=list(MODES), default=None, help="k = 2 / 8 / 32 (default medium)")
     size.add_argument("--k", type=positive_int, default=None, help="number of candidates")
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument(
+        "--seed", type=int, default=None, help="sampling seed (default: none, so two runs differ: not reproducible)"
+    )
     generate.add_argument("--max-think-tokens", type=positive_int, default=None, help="default: 4096, or what fits")
     generate.add_argument("--max-answer-tokens", type=non_negative_int, default=None, help="default: 1024, or 1/8")
     generate.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0.6")
@@ -178,22 +216,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="best-of-k accuracy on held-out problems (the shipped task)")
     add_eval_arguments(evaluate)
-    commands.add_parser("bench", help="the quick benchmarks (python -m bench; needs a source checkout)")
+    bench = commands.add_parser("bench", help="the quick benchmarks: python -m bench in the source checkout")
+    bench.add_argument("--full", action="store_true", help="the full kernel and pipeline benchmarks")
+    bench.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads (default 1)")
     return parser
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """`1,2,8` -> [1, 2, 8]: comma-separated positive ints, at least one."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 1,2,8, got {text!r}")
+    return values
+
+
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def default_threads(model) -> int | None:
+    """torch CPU threads for a loaded model: $OMP_NUM_THREADS when set (None: torch already follows it); else 1 on
+    CPU for a model under SMALL_MODEL_PARAMETERS, whose ops are too small to split across threads (the shipped
+    0.79M-parameter model: `sprm eval --n 20` took 75 s on 1 thread and 1441 s on torch's default 2 on a busy
+    2-core machine, see README; the 50M bound itself is a judgment, not measured), else None (torch's default:
+    one per physical core)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    info = model.info()
+    if not info.device.startswith("cpu") or info.num_parameters is None:
+        return None
+    return 1 if info.num_parameters < SMALL_MODEL_PARAMETERS else None
+
+
+def set_threads(threads: int | None, model) -> None:
+    """`--threads N`, or `default_threads(model)`."""
+    import torch
+
+    threads = threads if threads is not None else default_threads(model)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,23 +293,39 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
 
 
-def load_model(path: str, device: str | None, engine: str = "hf"):
-    """`load_engine` (an `Engine`: ReflectiveModel for "hf"), with a one-line UsageError for a missing or
-    malformed folder."""
+def check_model_folder(path: str, option: str = "--model") -> None:
+    """A local official-layout folder, or a one-line UsageError. Never a Hub id: a path that is not a folder here is
+    an error, so nothing is ever downloaded."""
     if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: no such folder")
+        raise UsageError(f"{option} {path}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"--model {path}: not a model folder (no config.json)")
+        raise UsageError(f"{option} {path}: not a model folder (no config.json)")
+    check_head_folder(path, option)
+
+
+def check_head_folder(path: str, option: str = "--bce-head") -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: no such folder")
     if not any(os.path.isfile(os.path.join(path, name)) for name in (PT_NAME, SAFETENSORS_NAME)):
-        raise UsageError(f"--model {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
+        raise UsageError(f"{option} {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
+
+
+def load_model(path: str, device: str | None, threads: int | None = None, engine: str = "hf"):
+    """`load_engine` (an `Engine`: ReflectiveModel for "hf"), with a one-line UsageError for a missing or malformed
+    folder; then `set_threads`."""
+    check_model_folder(path)
+    # The folder is local: keep the Hub client offline, so a missing file is an error, never a download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bars on a command's stderr
     try:
-        return load_engine(path, engine=engine, device=device)
+        model = load_engine(path, engine=engine, device=device)
     except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {path}: cannot load the model: {message}") from None
+    set_threads(threads, model)
+    return model
 
 
 def run_serve(args) -> int:
@@ -238,10 +337,16 @@ def run_serve(args) -> int:
         from .server import serve
     except ImportError as error:
         raise UsageError(f"serve needs the serve extra (pip install 'sprm-kernels[serve]'): {error}") from None
-    model = load_model(args.model, args.device, args.engine)
+    if args.token is not None and not args.token.strip():
+        raise UsageError(
+            "--token: expected a non-empty token, got an empty one (from --token or $SPRM_SERVER_TOKEN); it would "
+            "turn authentication off: unset SPRM_SERVER_TOKEN to serve without a token"
+        )
+    model = load_model(args.model, args.device, args.threads, args.engine)
     serve(
         model, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
-        max_text_tokens=args.max_text_tokens, token=args.token, log_level=args.log_level, access_log=args.access_log,
+        max_text_tokens=args.max_text_tokens, max_body_bytes=args.max_body_bytes, token=args.token,
+        log_level=args.log_level, access_log=args.access_log,
     )  # fmt: skip
     return 0
 
@@ -267,7 +372,7 @@ def run_serve_on_ray(args) -> int:
 def run_generate(args) -> int:
     if not args.question.strip():
         raise UsageError("the question is empty")
-    model = load_model(args.model, args.device, args.engine)
+    model = load_model(args.model, args.device, args.threads, args.engine)
     max_think, max_answer = default_budgets(model, args.question, args.max_think_tokens, args.max_answer_tokens)
     check_generation_fits(model, args.question, max_think, max_answer)
     temperature = args.temperature if args.temperature is not None else model_sampling(args.model, "temperature", 0.6)
@@ -320,12 +425,31 @@ def run_eval(args) -> int:
     return evaluate_from_args(args)
 
 
+def source_checkout() -> str | None:
+    """The source checkout this package runs from (an editable install: the folder holding model/ and bench/), or
+    the current directory when it is one; None for a plain install, which has no benchmarks."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in (here, os.getcwd()):
+        if os.path.isfile(os.path.join(folder, "bench", "__main__.py")) and os.path.isfile(
+            os.path.join(folder, "pyproject.toml")
+        ):
+            return folder
+    return None
+
+
 def run_bench(args) -> int:
-    try:
-        from bench.__main__ import main as bench_main
-    except ImportError:
-        raise UsageError("bench runs from a source checkout: cd into the repository and run `sprm bench`") from None
-    return bench_main([]) or 0
+    """`python -m bench` in the source checkout, as a child process (the package itself never imports `bench`)."""
+    import subprocess
+
+    checkout = source_checkout()
+    if checkout is None:
+        raise UsageError(
+            "bench: the benchmarks live in the source checkout (bench/), which this install does not come from: "
+            "clone the repository, pip install -e it, and run sprm bench (or python -m bench) there"
+        )
+    command = [sys.executable, "-m", "bench"] + (["--full"] if args.full else [])
+    command += [] if args.threads is None else ["--threads", str(args.threads)]
+    return subprocess.run(command, cwd=checkout).returncode
 
 
 def check_generation_fits(model, prompt, max_think_tokens: int, max_answer_tokens: int) -> None:
@@ -370,14 +494,14 @@ def summary(text: str, width: int = 60) -> str:
 
 def run_score(args) -> int:
     requests = read_score_requests(args.file)
-    model = load_model(args.model, args.device, args.engine)
+    model = load_model(args.model, args.device, args.threads, args.engine)
     limit = context_limit(model)
-    sequences = []
-    for line_number, text, _ in requests:
-        ids = model.encode([text])[0]
-        if limit is not None and len(ids) > limit:
-            raise UsageError(f"{args.file}:{line_number}: {len(ids)} tokens, over the model's limit of {limit}")
-        sequences.append(ids)
+    texts = [text for _, text, _ in requests]
+    sequences = model.encode(texts)
+    for (line_number, _, _), ids in zip(requests, sequences, strict=True):
+        problem = token_problem(ids, limit)  # the server's checks: 422 / 413 there, exit 2 here
+        if problem is not None:
+            raise UsageError(f"{args.file}:{line_number}: {problem[1]}")
     results = model.score(sequences, return_all_scores=True, batch_tokens=args.max_batch_tokens)
     for (_, _, return_all_scores), result in zip(requests, results, strict=True):
         print(json.dumps(score_json(result, return_all_scores)))
@@ -385,17 +509,22 @@ def run_score(args) -> int:
 
 
 def read_score_requests(path: str) -> list[tuple[int, str, bool]]:
-    """(line number, text, return_all_scores) of each line, checked; blank lines are skipped."""
+    """(line number, text, return_all_scores) of each line, checked; blank lines are skipped. Lines are read as
+    bytes and decoded one by one, so invalid UTF-8 is reported with its line."""
     try:
-        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+        handle = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
     except OSError as error:
         raise UsageError(f"{path}: {error.strerror}") from None
     requests = []
     with handle:
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{where}: not UTF-8 (byte {error.start + 1} of the line: {error.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:

@@ -42,6 +42,7 @@ def compute_view(
     difficulty: int | None = None,
     temperature: float | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
     """Rows {method, budget, accuracy, ci95, tokens} for every method and budget, and the goal checks."""
     import json
@@ -57,6 +58,9 @@ def compute_view(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     max_think = think_budget(difficulty)
     rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
+    from .cli import set_threads
+
+    set_threads(threads, rm)  # `threads`, else 1 for a small model
     problems = task.problems("test", n, seed=seed, difficulty=difficulty)
     start = time.perf_counter()
     samples = sample_candidates(rm, problems, k=max(ks), temperature=temperature, seed=seed,

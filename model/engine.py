@@ -29,6 +29,7 @@ class EngineInfo:
     device: str
     dtype: str
     backend: str = "auto"  # the kernel route: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton"
+    num_parameters: int | None = None  # the policy's, where the engine knows it (CLI thread defaults)
     supports_prompt_lists: bool = False  # generate(list of prompts) batches them in one call
     supports_features: bool = True  # generate(return_features=True)
 

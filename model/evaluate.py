@@ -6,6 +6,10 @@ candidate's answer is the last step's sum of its thinking (`task.answer_from_thi
 a deterministic function of the thinking, so no answer is decoded for the losing candidates. (generate still
 writes the chosen candidate's answer; `answer_agreement` reports how often the policy copied the sum.) Each k < 32
 is evaluated on random k-subsets of the 32 (fixed seed), the paper's scaling view: accuracy against log2 k.
+
+The text-only baseline (`fewest_n`) needs no head at all: the shipped policy writes its own verdict (`y` / `n`)
+right before each scored position, so it picks the finished candidate with the fewest written `n` verdicts
+(random tie-break, seeded). What the head adds is SPRM minus this baseline (`sprm_minus_text_only`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from . import task
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 SUBSETS = 64  # random k-subsets per problem and k (all 32 candidates once for k = 32)
-METHODS = ("pass@1", "majority", "sprm", "sprm_bce", "sprm_vote", "oracle", "random")
+METHODS = ("pass@1", "majority", "fewest_n", "sprm", "sprm_bce", "sprm_vote", "oracle", "random")
+NO_VERDICT = f" n{task.STEP}"  # how the policy writes a step it judged wrong
 
 
 def sample_candidates(
@@ -42,6 +47,7 @@ def sample_candidates(
     Problem i is sampled with seed `seed * 1_000_003 + first_index + i`: its own, whatever else is sampled."""
     keys = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
     out = {key: [] for key in keys}
+    bar = _progress_bar(len(problems), progress)
     for i, problem in enumerate(problems):
         result = rm.generate(
             problem.prompt, k=k, temperature=temperature, top_p=1.0, seed=seed * 1_000_003 + first_index + i,
@@ -57,9 +63,24 @@ def sample_candidates(
         out["scores"].append([c.score for c in candidates])
         out["chosen_answer"].append(result.answer)
         out["best"].append(result.best)
-        if progress and (i + 1) % 25 == 0:
-            print(f"  sampled {i + 1}/{len(problems)} problems", file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
+        elif progress and ((i + 1) % max(1, len(problems) // 10) == 0 or i + 1 == len(problems)):
+            print(f"sprm eval: sampled {i + 1}/{len(problems)} problems", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
     return out
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar on stderr when tqdm is installed (else None: sample_candidates prints a line every 10%)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="sprm eval: sampling", unit="problem", file=sys.stderr)
 
 
 def _best(scores: np.ndarray, finished: np.ndarray) -> np.ndarray:
@@ -80,6 +101,7 @@ def _vote(answers: list, weights) -> object:
 def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None, seed: int = 0) -> dict:
     """Per method and k: accuracy over problems (subset-averaged), and per-problem values for the CIs."""
     rng = np.random.default_rng(seed)
+    tie_rng = np.random.default_rng([seed, 1])  # its own stream: the other methods' subsets stay as they were
     k_max = len(samples["correct"][0])
     per_problem = {m: {k: [] for k in ks} for m in METHODS}
     for i, problem in enumerate(problems):
@@ -89,6 +111,7 @@ def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None
         if bce_scores is not None:
             scores["sprm_bce"] = np.array(bce_scores[i], dtype=float)
         answers = samples["answers"][i]
+        verdicts_n = np.array([text.count(NO_VERDICT) for text in samples["texts"][i]], dtype=float)
         for k in ks:
             subsets = (
                 np.arange(k_max)[None]
@@ -103,6 +126,11 @@ def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None
             for name, values in scores.items():
                 chosen = subsets[np.arange(len(subsets)), _best(values[subsets], finished[subsets])]
                 per_problem[name][k].append(correct[chosen].mean())
+            # text only: finished first, then the fewest "n" verdicts, ties broken at random (noise below one verdict)
+            key = 2.0 * (finished[subsets] * (1 + verdicts_n.max())) - verdicts_n[subsets]
+            key = key + 0.5 * tie_rng.random(subsets.shape)
+            chosen = subsets[np.arange(len(subsets)), key.argmax(-1)]
+            per_problem["fewest_n"][k].append(correct[chosen].mean())
             majority, weighted = [], []
             for subset in subsets:
                 subset_answers = [answers[j] for j in subset]
@@ -148,6 +176,7 @@ def evaluate(
     ray: str | None = None,
     workers=None,
     out: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Accuracy of every method for every k on n held-out problems (see the module docstring). model_dir: default
     the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed.
@@ -168,6 +197,8 @@ def evaluate(
     k_max = ks[-1]
     if out is not None and ray is None:
         raise ValueError("out: rows are streamed by a Ray run only; pass ray too")
+    if bce_head_dir is not None and not os.path.isdir(bce_head_dir):
+        raise ValueError(f"bce_head_dir: no such folder {bce_head_dir!r}")
     problems = task.problems(split, n, seed=seed, difficulty=difficulty)
     bce_head_dir = bce_head_dir or os.path.join(model_dir, "bce_head")
     if ray is not None:
@@ -180,6 +211,9 @@ def evaluate(
         )  # fmt: skip
     else:
         rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
+        from .cli import set_threads
+
+        set_threads(threads, rm)  # `threads`, else 1 for a small model (cli.default_threads)
         samples = sample_candidates(
             rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
         )
@@ -190,14 +224,16 @@ def evaluate(
     per_problem = selection_metrics(samples, problems, ks, bce_scores=bce_scores, seed=seed)
     accuracy = {m: {k: float(v.mean()) for k, v in by_k.items()} for m, by_k in per_problem.items()}
     ci = {m: {k: _ci95(v) for k, v in by_k.items()} for m, by_k in per_problem.items()}
-    paired = {}  # SPRM minus random choice, per problem: the CI of the difference
-    for name in ("sprm", "sprm_bce"):
-        if name in per_problem:
-            paired[name] = {
-                k: {"diff": float((per_problem[name][k] - per_problem["random"][k]).mean()),
-                    "ci95": _ci95(per_problem[name][k] - per_problem["random"][k])}
-                for k in ks
-            }  # fmt: skip
+
+    def paired_difference(a: str, b: str) -> dict:  # a minus b, per problem: the mean and the CI of the difference
+        return {
+            k: {"diff": float((per_problem[a][k] - per_problem[b][k]).mean()),
+                "ci95": _ci95(per_problem[a][k] - per_problem[b][k])}
+            for k in ks
+        }  # fmt: skip
+
+    paired = {name: paired_difference(name, "random") for name in ("sprm", "sprm_bce") if name in per_problem}
+    text_only = {name: paired_difference(name, "fewest_n") for name in ("sprm", "sprm_bce") if name in per_problem}
     spr_minus_bce = None  # SPR head minus BCE head, paired per problem
     if "sprm_bce" in per_problem:
         spr_minus_bce = {
@@ -223,6 +259,7 @@ def evaluate(
         "accuracy": accuracy,
         "ci95": ci,
         "sprm_minus_random": paired,
+        "sprm_minus_text_only": text_only,
         "spr_minus_bce": spr_minus_bce,
         "within_problem_gap": gaps,
         "overall_gap": overall,
@@ -234,7 +271,8 @@ def evaluate(
 
 
 NAMES = {
-    "pass@1": "pass@1 (mean)", "majority": "majority vote", "sprm": "SPRM best-of-k (SPR)",
+    "pass@1": "pass@1 (mean)", "majority": "majority vote", "fewest_n": "text only: fewest n verdicts",
+    "sprm": "SPRM best-of-k (SPR)",
     "sprm_bce": "SPRM best-of-k (BCE)", "sprm_vote": "SPRM-weighted vote", "oracle": "oracle pass@k",
     "random": "random choice",
 }  # fmt: skip
@@ -280,12 +318,16 @@ def plot(result: dict, path: str) -> None:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `sprm eval` (also `python -m sprm_kernels.model.evaluate`)."""
+    from .cli import THREADS_HELP, positive_int, positive_int_list
+
     parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf (transformers) or vllm")
-    parser.add_argument("--n", type=int, default=500, help="held-out problems (default 500)")
-    parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated k values")
+    parser.add_argument("--n", type=positive_int, default=500, help="held-out problems (default 500)")
+    parser.add_argument(
+        "--ks", type=positive_int_list, default=list(DEFAULT_KS), help="comma-separated k values (default 1,2,4,...,32)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bce-head", default=None, help="folder of a BCE head (default: MODEL/bce_head)")
+    parser.add_argument("--bce-head", default=None, help="folder of a BCE head (default: MODEL/bce_head if present)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", default=None, help="write accuracy against log2 k to this PNG")
     parser.add_argument(
@@ -293,19 +335,49 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="the compute view: best-of-k and voting against these step-level searches, accuracy against decoded "
         "thinking tokens (--ks up to 16 is plenty; --plot draws it)",
     )  # fmt: skip
-    parser.add_argument("--widths", default="1,2,4", help="--search: beam widths / DVTS subtrees (default 1,2,4)")
-    parser.add_argument("--expansions", type=int, default=2, help="--search: children per beam (default 2)")
+    parser.add_argument(
+        "--widths", type=positive_int_list, default=[1, 2, 4], help="--search: beam widths / DVTS subtrees (1,2,4)"
+    )
+    parser.add_argument("--expansions", type=positive_int, default=2, help="--search: children per beam (default 2)")
     parser.add_argument("--difficulty", type=int, default=None, help="terms per problem (default: the model's)")
 
     from .jobs.cluster import add_ray_arguments
 
     add_ray_arguments(parser, out_help="with --ray: stream one row per problem to this .jsonl or .parquet file")
 
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the run (which takes minutes): folders, the plot's folder."""
+    from .cli import UsageError, check_head_folder, check_model_folder
+
+    if args.model is not None:
+        check_model_folder(args.model)
+    if args.bce_head is not None:
+        check_head_folder(args.bce_head, "--bce-head")
+    if args.plot is not None:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--plot {args.plot}: no such folder {folder}")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--plot {args.plot}: folder {folder} is not writable")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--plot {args.plot}: needs matplotlib (pip install matplotlib)") from None
+
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     from .jobs.cluster import workers_from_args
     from .jobs.output import check_out_path
 
+    check_eval_arguments(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only (checked above): never a download
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for the progress below
     if args.search:
         return _run_compute_view(args)
     parser = parser or argparse.ArgumentParser(prog="sprm eval")
@@ -318,9 +390,8 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         except ValueError as error:
             parser.error(f"--{error}")
     result = evaluate(
-        args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], seed=args.seed,
-        bce_head_dir=args.bce_head, progress=not args.json, engine=args.engine, ray=args.ray, workers=workers,
-        out=args.out,
+        args.model, n=args.n, ks=args.ks, seed=args.seed, bce_head_dir=args.bce_head, progress=not args.quiet,
+        threads=args.threads, engine=args.engine, ray=args.ray, workers=workers, out=args.out,
     )  # fmt: skip
     if args.plot:
         plot(result, args.plot)
@@ -338,9 +409,8 @@ def _run_compute_view(args: argparse.Namespace) -> int:
         print(f"sprm eval: error: --search: expected beam, dvts or beam,dvts, got {args.search!r}", file=sys.stderr)
         return 2
     result = compute_view(
-        args.model, n=args.n, ks=[int(k) for k in args.ks.split(",")], widths=[int(w) for w in args.widths.split(",")],
-        expansions=args.expansions, search_methods=methods, seed=args.seed, difficulty=args.difficulty,
-        progress=not args.json,
+        args.model, n=args.n, ks=args.ks, widths=args.widths, expansions=args.expansions, search_methods=methods,
+        seed=args.seed, difficulty=args.difficulty, progress=not args.quiet, threads=args.threads,
     )  # fmt: skip
     if args.plot:
         compute_plot([result], args.plot)
@@ -349,10 +419,10 @@ def _run_compute_view(args: argparse.Namespace) -> int:
 
 
 def evaluate_main(argv=None) -> int:
-    """`sprm eval [--model DIR] [--n N] [--json] [--plot FILE.png]`."""
-    parser = argparse.ArgumentParser(prog="sprm eval", description="best-of-k accuracy on held-out problems")
-    add_eval_arguments(parser)
-    return run_eval(parser.parse_args(argv), parser)
+    """`python -m sprm_kernels.model.evaluate [--model DIR] [--n N] [--json] [--plot FILE.png]` (= `sprm eval`)."""
+    from .cli import main
+
+    return main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ class ReflectiveModel:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             backend=self.backend or "auto",
+            num_parameters=sum(p.numel() for p in self.model.parameters()),
             supports_prompt_lists=False,
             supports_features=True,
         )

@@ -9,17 +9,27 @@ Design:
 - One worker thread owns the model: every model call (a scoring batch or a generation) runs there, one at a time
   (an asyncio lock on the event loop orders them), so the model is never used by two calls at once, and the event
   loop stays free to take requests meanwhile (torch releases the GIL inside its ops).
-- Dynamic batching: a score request tokenizes its text on the event loop (length checks answer at once) and queues
-  it. Once the model is free, a batching task takes the queued texts, in arrival order, while their tokens stay
-  within `max_batch_tokens`, and scores them in one `score` call (which sorts them by length into forwards of at
-  most `max_batch_tokens` padded tokens with little padding). Texts that arrive while the model is busy form the
-  next batch, so batches grow with the load and no request ever waits on a timer.
+- Bounded input, checked before any work: a pure ASGI layer refuses a body over `max_body_bytes` with 413, from its
+  Content-Length before reading it, or while counting the bytes of a body sent without one (so at most
+  `max_body_bytes` of a body is ever held); a text (or prompt) over `max_text_chars` characters gets 413 before it
+  is tokenized (`text_char_limit`: such a text cannot fit in the context); tokenization runs in its own thread,
+  never on the event loop, so a long text never stalls the other clients.
+- Dynamic batching: a score request tokenizes its text (in the tokenizer thread) and queues it. Once the model
+  is free, a batching task takes the queued texts, in arrival order, while their tokens stay within
+  `max_batch_tokens`, and scores them in one `score` call (which sorts them by length into forwards of at most
+  `max_batch_tokens` padded tokens with little padding). Texts that arrive while the model is busy form the next
+  batch, so batches grow with the load and no request ever waits on a timer.
 - Failure isolation: when a batch raises, its texts are scored again one at a time, so that only the faulty one
   fails (500 with a message); the server keeps serving.
 - Back-pressure: at most `max_queue` texts and generations are in the server's hands (queued or running); more
   get 503 with `Retry-After`.
-- Shutdown: on SIGTERM uvicorn stops accepting, waits for the requests in flight, then runs the lifespan shutdown,
-  which is what stops the batching task and the worker thread: it serves until the last request is answered.
+- Shutdown (`serve`): on SIGTERM the server first drains: it keeps its socket and its connections open, finishes
+  the requests in flight, answers every new request 503 with Retry-After, and marks every response
+  `Connection: close`, until nothing is in flight and no request came for DRAIN_QUIET_SECONDS (at most
+  DRAIN_MAX_SECONDS of 503s after the last request in flight). Only then does uvicorn close the socket and the
+  idle connections and run the lifespan shutdown, which stops the batching task and the worker thread. So every
+  request the server has read gets an answer: the 200 it was being served, or a 503. What it cannot answer is a
+  request it never read: one sent on an idle connection, or a connection made, in the instant it closes them.
 
 There is no TLS: bind to loopback (the default) or put a TLS-terminating proxy in front. `token` only guards
 against other local users or a misconfigured bind; over plain HTTP it travels in clear.
@@ -45,7 +55,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The JSON forms of results live in cli.py so that `sprm score` / `sprm generate` run without the serve extra.
-from .cli import context_limit, generation_json, score_json
+from .cli import context_limit, generation_json, score_json, token_problem
 from .engine import Engine
 from .types import ScoreResult
 
@@ -273,6 +283,54 @@ class ModelWorker:
 # -- the app ----------------------------------------------------------------------------------------------------
 
 
+class _BodyLimit:
+    """Pure ASGI middleware: a request body over `max_bytes` gets 413 before the app sees any of it, at once when its
+    Content-Length says so (nothing of it is read), else as soon as the bytes streamed so far pass the limit. A body
+    within the limit is buffered (the app reads all of it anyway) and replayed to the app. uvicorn then reads and
+    discards the rest of a refused body, so the client can finish sending and read the 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(int(declared), scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(size, scope, receive, send, at_least=True)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+        del chunks
+
+        async def replay():
+            nonlocal replayed
+            if replayed or message["type"] != "http.request":
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: int, scope, receive, send, at_least: bool = False):
+        size_text = f"more than {self.max_bytes}" if at_least else str(size)
+        detail = f"request body: {size_text} bytes, over the limit of {self.max_bytes} bytes (--max-body-bytes)"
+        await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+
+
 class _BearerAuth:
     """Pure ASGI middleware: with a token, every request needs `Authorization: Bearer <token>` (401 otherwise). It
     runs before the body is parsed, so that an unauthenticated client learns nothing from validation errors."""
@@ -293,31 +351,69 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The longest vocabulary entry in characters (added tokens included). A vocabulary entry spells the input it
+    covers with at least one character per input character (byte-level BPE: one per byte; SentencePiece: `▁` per
+    space; WordPiece: plus `##`), so no token covers more input characters than this."""
+    return max((len(entry) for entry in tokenizer.get_vocab()), default=1) or 1
+
+
+def text_char_limit(tokenizer, max_text_tokens: int | None) -> int | None:
+    """Characters beyond which a text cannot fit in `max_text_tokens` tokens: each token covers at most
+    `longest_token_chars` characters, so a longer text has more tokens than the limit. Exact for tokenizers that
+    turn every character into (part of) a token, as byte-level BPE and the character tokenizers here do; one whose
+    normalizer merges or drops characters (NFC composition, whitespace splitting) could see a text refused that
+    would have fit after normalization, never one accepted that does not."""
+    return None if max_text_tokens is None else max_text_tokens * longest_token_chars(tokenizer)
+
+
+def default_max_body_bytes(max_text_chars: int | None) -> int:
+    """Room for one text of `max_text_chars` characters written the most expensive way JSON allows (`\\uXXXX`
+    surrogate pairs: 12 bytes per character) plus 64 KiB for the rest of the request; at least 1 MiB."""
+    if max_text_chars is None:
+        return 64 * 2**20
+    return max(2**20, 12 * max_text_chars + 2**16)
+
+
 def create_app(
     model: Engine,
     *,
     max_batch_tokens: int = 16384,
     max_queue: int = 1024,
     max_text_tokens: int | None = None,
+    max_body_bytes: int | None = None,
     token: str | None = None,
 ) -> FastAPI:
     """The FastAPI app around an already loaded model. `max_text_tokens`: the longest text accepted (default the
-    model's `max_position_embeddings`); `token`: require `Authorization: Bearer <token>` on every request."""
+    model's `max_position_embeddings`); `max_body_bytes`: the largest request body (default
+    `default_max_body_bytes`); `token`: require `Authorization: Bearer <token>` on every request (a non-empty
+    string: an empty one would turn authentication off without a word, so it is refused)."""
     for name, value in (("max_batch_tokens", max_batch_tokens), ("max_queue", max_queue)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if token is not None and (not isinstance(token, str) or not token.strip()):
+        raise ValueError(f"token: expected a non-empty string (or None for no authentication), got {token!r}")
     limit = context_limit(model, max_text_tokens)
+    max_text_chars = text_char_limit(model.tokenizer, limit)
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(max_text_chars)
+    elif isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes: expected a positive int, got {max_body_bytes!r}")
     worker = ModelWorker(model, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
+    # Tokenization runs here, off the event loop; one thread, so the tokenizer is never used by two requests at once.
+    tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sprm-tokenize")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await worker.start()
         yield
         await worker.stop()
+        tokenizer_thread.shutdown(wait=False)
 
     app = FastAPI(title="sprm-kernels", summary="SPRM scoring and reflective generation", lifespan=lifespan)
     app.state.worker = worker
-    if token:
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    if token is not None:  # outermost: an unauthenticated request is refused before its body is read
         app.add_middleware(_BearerAuth, token=token)
 
     @app.exception_handler(RequestValidationError)
@@ -342,20 +438,30 @@ def create_app(
     async def model_call_failed(request, error: ModelCallFailed):
         return JSONResponse({"detail": str(error)}, 500)
 
-    def tokenize(texts: list[str], what: Callable[[int], str]) -> list[list[int]]:
-        """Token ids as `ReflectiveModel.score` makes them (no special tokens added), checked against the limit."""
-        encoded = model.encode(texts)
-        sequences = [list(ids) for ids in encoded]
+    def check_chars(what: str, chars: int) -> None:
+        if max_text_chars is not None and chars > max_text_chars:
+            raise HTTPException(
+                413, f"{what}: {chars} characters, more than {limit} tokens can hold (at most {max_text_chars})"
+            )
+
+    async def off_loop(call: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, call, *args)
+
+    async def tokenize(texts: list[str], what: Callable[[int], str]) -> list[list[int]]:
+        """Token ids as `ReflectiveModel.score` makes them (no special tokens added), checked against the limits:
+        by characters first (cheap), then by tokens (in the tokenizer thread)."""
+        for index, text in enumerate(texts):
+            check_chars(what(index), len(text))
+        sequences = await off_loop(model.encode, texts)
         for index, ids in enumerate(sequences):
-            if not ids:
-                raise HTTPException(422, f"{what(index)}: expected a text with at least one token, got none")
-            if limit is not None and len(ids) > limit:
-                raise HTTPException(413, f"{what(index)}: {len(ids)} tokens, over the limit of {limit} tokens")
+            problem = token_problem(ids, limit)
+            if problem is not None:
+                raise HTTPException(problem[0], f"{what(index)}: {problem[1]}")
         return sequences
 
     @app.post("/score")
     async def score(request: ScoreRequest) -> dict:
-        sequences = tokenize([request.text], lambda index: "text")
+        sequences = await tokenize([request.text], lambda index: "text")
         [result] = await worker.score(sequences)
         return score_json(result, request.return_all_scores)
 
@@ -363,15 +469,19 @@ def create_app(
     async def score_batch(request: ScoreBatchRequest) -> dict:
         if len(request.texts) > max_queue:
             raise HTTPException(413, f"texts: {len(request.texts)} texts, over the limit of {max_queue} per request")
-        sequences = tokenize(request.texts, lambda index: f"texts.{index}")
+        sequences = await tokenize(request.texts, lambda index: f"texts.{index}")
         results = await worker.score(sequences)
         return {"results": [score_json(result, request.return_all_scores) for result in results]}
 
     @app.post("/generate")
     async def generate(request: GenerateRequest) -> dict:
         prompt = request.prompt if request.prompt is not None else [m.model_dump() for m in request.messages]
+        if request.prompt is not None:
+            check_chars("prompt", len(request.prompt))
+        else:
+            check_chars("messages", sum(len(m.content) for m in request.messages))
         try:
-            prompt_tokens = len(model.prompt_ids(prompt))
+            prompt_tokens = len(await off_loop(model.prompt_ids, prompt))
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
         total = prompt_tokens + request.max_think_tokens + request.max_answer_tokens
@@ -408,11 +518,80 @@ def create_app(
             "max_batch_tokens": max_batch_tokens,
             "max_queue": max_queue,
             "max_text_tokens": limit,
+            "max_text_chars": max_text_chars,
+            "max_body_bytes": max_body_bytes,
             "queue_depth": worker.in_hand,
             **asdict(worker.stats),
         }
 
     return app
+
+
+DRAIN_QUIET_SECONDS = 1.0
+DRAIN_MAX_SECONDS = 10.0
+
+
+class _Drain:
+    """Pure ASGI wrapper (outermost): counts the requests in flight; once `drain` has begun (SIGTERM), answers new
+    requests 503 with Retry-After and marks every response `Connection: close` (see the module docstring)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.draining = False
+        self.in_flight = 0
+        self.last_arrival = 0.0
+        self.read = 0  # requests the server has read (their head): each must get an answer
+        self.answered = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.last_arrival = time.monotonic()
+        self.read += 1
+
+        async def send_counted(message):
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.answered += 1
+            await send(message)
+
+        if self.draining:
+            # Read the body first (and drop it): closing a socket with unread bytes resets the connection, and the
+            # client would lose the answer.
+            message = {"more_body": True}
+            while message.get("more_body", False):
+                message = await receive()
+            detail = "shutting down: retry later (or on another server)"
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS), "Connection": "close"}
+            await JSONResponse({"detail": detail}, 503, headers=headers)(scope, receive, send_counted)
+            return
+
+        async def send_closing(message):
+            if self.draining and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send_counted(message)
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send_closing)
+        finally:
+            self.in_flight -= 1
+
+    async def drain(self, forced: Callable[[], bool]) -> None:
+        """Returns once nothing is in flight and no request came for DRAIN_QUIET_SECONDS (or DRAIN_MAX_SECONDS of
+        503s passed since the last request in flight ended), or at once when `forced()` (a second Ctrl-C)."""
+        self.draining = True
+        logger.info("draining: finishing %d requests in flight, answering new ones 503", self.in_flight)
+        idle_since = None
+        while not forced():
+            now = time.monotonic()
+            if self.in_flight:
+                idle_since = None
+            else:
+                idle_since = idle_since or now
+                if now - self.last_arrival >= DRAIN_QUIET_SECONDS or now - idle_since >= DRAIN_MAX_SECONDS:
+                    break
+            await asyncio.sleep(0.02)
 
 
 def serve(
@@ -423,6 +602,7 @@ def serve(
     max_batch_tokens: int = 16384,
     max_queue: int = 1024,
     max_text_tokens: int | None = None,
+    max_body_bytes: int | None = None,
     token: str | None = None,
     log_level: str = "info",
     access_log: bool = False,
@@ -435,17 +615,26 @@ def serve(
 
     _log_to_stderr(log_level)
     app = create_app(
-        model, max_batch_tokens=max_batch_tokens, max_queue=max_queue, max_text_tokens=max_text_tokens, token=token
-    )
+        model, max_batch_tokens=max_batch_tokens, max_queue=max_queue, max_text_tokens=max_text_tokens,
+        max_body_bytes=max_body_bytes, token=token,
+    )  # fmt: skip
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --token: anyone who can reach this port can use the model", host)
     logger.info("no TLS: keep the server on loopback or put a TLS-terminating proxy in front")
+    drain = _Drain(app)
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):  # uvicorn's shutdown closes the socket and the idle connections
+            await drain.drain(lambda: self.force_exit)
+            await super().shutdown(sockets=sockets)
+            logger.info("stopped: answered %d of the %d requests read", drain.answered, drain.read)
+
     # timeout_graceful_shutdown None: on SIGTERM, wait for every request in flight however long it takes (a second
     # SIGINT forces the exit).
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None
+        drain, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     if threading.current_thread() is not threading.main_thread():
         server.run()
         return

@@ -653,12 +653,12 @@ def _progress_bar(total: int, description: str, enabled: bool):
 def _progress(items, description: str, enabled: bool):
     """Iterate `items` with a tqdm bar, or plain prints of the count when tqdm is not installed."""
     bar = _progress_bar(len(items), description, enabled)
-    for done, item in enumerate(items):
-        if enabled and bar is None:
-            print(f"{description}: {done}/{len(items)}", file=sys.stderr, flush=True)
+    for done, item in enumerate(items, start=1):
         yield item
         if bar is not None:
             bar.update(1)
+        elif enabled:
+            print(f"{description}: {done}/{len(items)}", file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
 
@@ -749,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ray_arguments(gather, out_help="with --ray: stream per-prompt summaries to this .jsonl / .parquet file",
                       out_flag="--rows")  # fmt: skip
+    gather.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     fit = commands.add_parser("fit", help="train a head on saved rollouts, write checkpoints")
     fit.add_argument("--rollouts", required=True, help="a directory written by collect")
@@ -770,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--no-balance", action="store_true", help="turn off the reference's class balancing")
     fit.add_argument("--device")
     fit.add_argument("--backend", choices=("torch", "triton"))
+    fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
 
     if args.command == "collect":
@@ -784,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(
             label_from=args.label_from, max_think_tokens=args.max_think_tokens,
             max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, top_p=args.top_p,
-            answer_temperature=args.answer_temperature, seed=args.seed,
+            answer_temperature=args.answer_temperature, seed=args.seed, progress=not args.quiet,
         )  # fmt: skip
         if workers is not None:  # --ray: the same rollouts from a pool of Ray actors (jobs/ray_collect.py)
             from .jobs.ray_collect import collect_on_ray
@@ -818,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay, batch_problems=args.batch_problems, seed=args.seed,
         eval_split=args.eval_split, eval_every=args.eval_every, dropout=args.dropout, balance=not args.no_balance,
         bce_warmup_steps=args.bce_warmup_steps, output_dir=args.out, checkpoint_every=args.checkpoint_every,
-        backbone=args.backbone or rollouts.info.get("model"), backend=args.backend,
+        backbone=args.backbone or rollouts.info.get("model"), backend=args.backend, progress=not args.quiet,
     )  # fmt: skip
     print(f"head -> {args.out} ({report.eval_on} problems: {len(report.eval_problems or report.train_problems)})")
     return 0

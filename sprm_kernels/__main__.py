@@ -28,7 +28,7 @@ def _random_batch(k: int, length: int, hidden_size: int, dtype, device, seed: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sprm_kernels", description=" ".join(__doc__.split()))
     parser.add_argument("--k", type=int, default=8, help="candidates (one group)")
     parser.add_argument("--length", type=int, default=256, help="tokens per candidate")
     parser.add_argument("--hidden-size", type=int, default=256)
