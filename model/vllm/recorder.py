@@ -25,7 +25,7 @@ EXTRA_FEATURES = "sprm_features"  # SamplingParams.extra_args: also keep the lay
 class _Record:
     start: int  # position of the first logit
     logits: array = field(default_factory=lambda: array("f"))
-    rows: dict | None = None  # position -> [H] layer L-2 row, where SPEC 3 rules 1-3 hold (features only)
+    rows: dict | None = None  # position -> [H] layer L-2 row, where rules 1-3 of docs/method.md §3 hold (features only)
     pending: tuple | None = None  # (position, token id, row) of the last token: its successor is not known yet
 
     def put(self, start: int, values: list[float]) -> None:
