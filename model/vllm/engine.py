@@ -4,10 +4,11 @@
 generate: every prompt's k thinking rows are submitted at once (one request per row, its own seed) and vLLM batches
 them continuously; each row stops at `</think>` or `max_think_tokens`. The head runs inside vLLM's forward on
 the layer L-2 state of every token (`model.py`) and the worker keeps the logits by request (`recorder.py`). As
-soon as a prompt's k rows are done the engine applies the scoring rule (docs/method.md §3) to each final sequence, fetches the logits at
-exactly those positions (no second pass over the thinking), scores (§4), chooses (`selection.choose_best`)
-and adds the prompt's answer request while other prompts still think: prompt + the chosen thinking
-(+ `</think>` for an unfinished row), whose KV vLLM's prefix cache serves (`stats.answer_cached_tokens`).
+soon as a prompt's k rows are done the engine applies the scoring rule (docs/method.md §3) to each final
+sequence, fetches the logits at exactly those positions (no second pass over the thinking), scores (§4), chooses
+(`selection.choose_best`) and adds the prompt's answer request while other prompts still think: prompt + the
+chosen thinking (+ `</think>` for an unfinished row), whose KV vLLM's prefix cache serves
+(`stats.answer_cached_tokens`).
 
 score: one prefill-only request per sequence (max_tokens 1, prefix cache not read so that every position goes
 through the model), the logits at the §3 positions; the same `ScoreResult`s as the HF engine.
