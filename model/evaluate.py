@@ -400,14 +400,14 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 
 
 def _run_compute_view(args: argparse.Namespace) -> int:
+    from .cli import UsageError
     from .compute_eval import compute_view
     from .compute_eval import format_table as compute_table
     from .compute_eval import plot as compute_plot
 
     methods = tuple(m.strip() for m in args.search.split(","))
     if not methods or any(m not in ("beam", "dvts") for m in methods):
-        print(f"sprm eval: error: --search: expected beam, dvts or beam,dvts, got {args.search!r}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--search: expected beam, dvts or beam,dvts, got {args.search!r}")
     result = compute_view(
         args.model, n=args.n, ks=args.ks, widths=args.widths, expansions=args.expansions, search_methods=methods,
         seed=args.seed, difficulty=args.difficulty, progress=not args.quiet, threads=args.threads,
