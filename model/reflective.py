@@ -66,6 +66,7 @@ class ReflectiveModel:
                 f"got a head with H={head.hidden_size}"
             )
         self.layers = _decoder_layers(model, config.num_hidden_layers)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # valid ids: [0, vocab_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.head = head.to(device=self.device, dtype=self.dtype).eval()
@@ -230,7 +231,7 @@ class ReflectiveModel:
                 raise ValueError(
                     f"texts_or_token_ids: expected each item to be a text or a list of token ids, got {item!r:.80}"
                 )
-        vocab_size = self.model.get_input_embeddings().num_embeddings
+        vocab_size = self.vocab_size
         for index, sequence in enumerate(sequences):
             if sequence and not 0 <= min(sequence) <= max(sequence) < vocab_size:
                 bad = next(i for i in sequence if not 0 <= i < vocab_size)

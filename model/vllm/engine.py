@@ -44,7 +44,10 @@ class VLLMReflectiveModel:
     >>> rm.generate(["What is 2+3?", "What is 4+4?"], mode="low")[1].answer
     """
 
-    def __init__(self, llm, tokenizer, *, path: str, hidden_size: int, num_layers: int, lang: str = "en"):
+    def __init__(
+        self, llm, tokenizer, *, path: str, hidden_size: int, num_layers: int, lang: str = "en",
+        vocab_size: int | None = None,
+    ):  # fmt: skip
         if lang not in LANGS:
             raise ValueError(f"lang: expected one of {LANGS}, got {lang!r}")
         self.llm = llm
@@ -52,6 +55,7 @@ class VLLMReflectiveModel:
         self.path = path
         self.lang = lang
         self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size  # valid ids: [0, vocab_size)
         self.think_start_id, self.think_end_id = think_marker_ids(tokenizer)
         self.step_token_ids = step_token_ids(tokenizer, lang)
         self.eos_token_ids = sorted(compat.eos_token_ids(path, tokenizer))
@@ -86,7 +90,7 @@ class VLLMReflectiveModel:
         if head.hidden_size != config.hidden_size:
             raise ValueError(f"head: expected hidden size H={config.hidden_size}, got a head with H={head.hidden_size}")
         return cls(llm, tokenizer, path=path, hidden_size=config.hidden_size,
-                   num_layers=config.num_hidden_layers, lang=lang)  # fmt: skip
+                   num_layers=config.num_hidden_layers, lang=lang, vocab_size=config.vocab_size)  # fmt: skip
 
     # -- the engine interface (engine.py) ---------------------------------------------------------------------
 
