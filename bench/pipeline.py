@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from sprm_kernels.dispatch import interpreter_enabled
-from sprm_kernels.model import ReflectiveModel, tiny
-from sprm_kernels.model import reflective as reflective_module
+from sprm_kernels.model import ReflectiveModel
+from sprm_kernels.model.engines.hf import engine as reflective_module
+from sprm_kernels.model.shipped import tiny
 
 from . import common
 from .reference_flow import StepRule, argmax, reference_generate, score_sequence

@@ -34,10 +34,13 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.server_load import cpu_name, free_port, server_process  # noqa: E402
-from sprm_kernels.model import evaluate as ev  # noqa: E402
-from sprm_kernels.model import task  # noqa: E402
+from sprm_kernels.model.evaluation import best_of_k as ev  # noqa: E402
+from sprm_kernels.model.shipped import (
+    SHIPPED_DIR,
+    task,  # noqa: E402
+)
 
-SHIPPED = os.path.join(os.path.dirname(ev.__file__), "shipped")
+SHIPPED = SHIPPED_DIR
 
 
 def load_average() -> str:
@@ -45,8 +48,8 @@ def load_average() -> str:
 
 
 def eval_single(problems, k: int) -> dict:
-    from sprm_kernels.model.engine import load_engine
-    from sprm_kernels.model.head import SPRMHead
+    from sprm_kernels.model.core.head import SPRMHead
+    from sprm_kernels.model.engines.registry import load_engine
 
     start = time.perf_counter()
     rm = load_engine(SHIPPED, device="cpu", backend="torch")
@@ -60,8 +63,8 @@ def eval_single(problems, k: int) -> dict:
 
 
 def eval_ray(problems, k: int, workers: int) -> dict:
-    from sprm_kernels.model.jobs.cluster import Workers
-    from sprm_kernels.model.jobs.ray_eval import sample_on_ray
+    from sprm_kernels.model.ray.cluster import Workers
+    from sprm_kernels.model.ray.eval_job import sample_on_ray
 
     times, worker_cpu = [], []
 
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from sprm_kernels.model.jobs.cluster import connect
+    from sprm_kernels.model.ray.cluster import connect
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}; load average "
           f"{load_average()} (1/5/15 min) at the start")  # fmt: skip

@@ -23,9 +23,10 @@ def main(argv=None) -> int:
     parser.add_argument("--expansions", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from sprm_kernels.model import load_engine, task
-    from sprm_kernels.model.cli import SHIPPED_DIR
-    from sprm_kernels.model.compute_eval import think_budget
+    from sprm_kernels.model import load_engine
+    from sprm_kernels.model.cli.main import SHIPPED_DIR
+    from sprm_kernels.model.evaluation.compute_view import think_budget
+    from sprm_kernels.model.shipped import task
 
     rm = load_engine(SHIPPED_DIR, device="cpu", backend="torch")
     spent = [0.0]

@@ -29,7 +29,8 @@ import time
 import httpx
 import torch
 
-from sprm_kernels.model import ReflectiveModel, tiny
+from sprm_kernels.model import ReflectiveModel
+from sprm_kernels.model.shipped import tiny
 
 
 def make_texts(tokenizer, count: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[str]:

@@ -27,8 +27,8 @@ import time
 import torch
 
 from sprm_kernels.model import ReflectiveModel, choose_best
-from sprm_kernels.model.cli import SHIPPED_DIR
-from sprm_kernels.model.task import is_correct, parse_answer, problems
+from sprm_kernels.model.cli.main import SHIPPED_DIR
+from sprm_kernels.model.shipped.task import is_correct, parse_answer, problems
 
 
 class PeakMemory:
@@ -86,7 +86,7 @@ def ours_vllm(engine, prompts, args):
 
 
 def reference_vllm(engine, prompts, args):
-    from sprm_kernels.model.vllm import compat
+    from sprm_kernels.model.engines.vllm import compat
 
     prompt_ids = [engine.prompt_ids(p) for p in prompts]
     requests = [
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                       "model": args.model, "load_avg_1m_start": round(os.getloadavg()[0], 2)}), flush=True)  # fmt: skip
     if any(f.endswith("-vllm") for f in flows):
-        from sprm_kernels.model.vllm import VLLMReflectiveModel
+        from sprm_kernels.model.engines.vllm import VLLMReflectiveModel
 
         engine = VLLMReflectiveModel.from_pretrained(args.model)
         try:

@@ -54,7 +54,7 @@ def ray_local():
     """One private Ray instance for the whole run (tests/test_ray_*.py): 127.0.0.1 only, no dashboard, the
     machine's CPUs; shut down at the end. Ray's start-up costs seconds, so it is never started twice."""
     ray = pytest.importorskip("ray", reason="the Ray tests need Ray (pip install 'ray[data,serve]')")
-    from sprm_kernels.model.jobs.cluster import connect
+    from sprm_kernels.model.ray.cluster import connect
 
     connect(None, num_cpus=max(2, os.cpu_count() or 1))
     yield ray
@@ -71,7 +71,7 @@ def vllm_shipped():
     """One vLLM engine on the shipped model for the whole session (each engine start costs 20 s or more)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from sprm_kernels.model import load_engine
-    from sprm_kernels.model.cli import SHIPPED_DIR
+    from sprm_kernels.model.shipped import SHIPPED_DIR
 
     engine = load_engine(SHIPPED_DIR, engine="vllm")
     yield engine

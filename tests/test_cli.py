@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from sprm_kernels.model import ReflectiveModel, tiny
-from sprm_kernels.model.cli import main
+from sprm_kernels.model import ReflectiveModel
+from sprm_kernels.model.cli.main import main
+from sprm_kernels.model.shipped import tiny
 
 GENERATE = ["--k", "3", "--max-think-tokens", "16", "--max-answer-tokens", "4", "--seed", "0"]
 
@@ -164,7 +165,8 @@ def test_python_dash_m_entry_point(tmp_path):
 
 def test_defaults_are_the_shipped_model_and_budgets_that_fit(capsys, model_dir):
     from sprm_kernels.model import chat_prompt_ids
-    from sprm_kernels.model.cli import SHIPPED_DIR, build_parser, default_budgets
+    from sprm_kernels.model.cli.main import build_parser, default_budgets
+    from sprm_kernels.model.shipped import SHIPPED_DIR
 
     assert build_parser().parse_args(["generate", "1+2"]).model == SHIPPED_DIR
     model = ReflectiveModel.from_pretrained(model_dir, backend="torch")  # context 256
@@ -201,7 +203,7 @@ def assert_one_line_usage_error(status: int, out: str, err: str, *names: str) ->
     ],
 )
 def test_eval_usage_errors_exit_2_in_one_line_before_the_run(capsys, monkeypatch, argv, names):
-    from sprm_kernels.model import evaluate
+    from sprm_kernels.model.evaluation import best_of_k as evaluate
 
     def no_run(*args, **kwargs):
         raise AssertionError("the evaluation started before its arguments were checked")
@@ -212,7 +214,7 @@ def test_eval_usage_errors_exit_2_in_one_line_before_the_run(capsys, monkeypatch
 
 def test_a_model_that_is_not_a_local_folder_is_never_looked_up_on_the_hub(capsys, monkeypatch):
     """A Hub-like id is a missing folder, refused before transformers is asked (which would go to the network)."""
-    from sprm_kernels.model.reflective import ReflectiveModel as Model
+    from sprm_kernels.model.engines.hf.engine import ReflectiveModel as Model
 
     def no_loading(*args, **kwargs):
         raise AssertionError("from_pretrained was called with a Hub id")
@@ -235,8 +237,8 @@ def test_eval_reports_the_text_only_baseline_and_progress(capsys):
 
 
 def test_fewest_n_baseline_picks_the_fewest_no_verdicts_with_a_random_tie_break():
-    from sprm_kernels.model import task
-    from sprm_kernels.model.evaluate import selection_metrics
+    from sprm_kernels.model.evaluation.best_of_k import selection_metrics
+    from sprm_kernels.model.shipped import task
 
     problems = task.problems("test", 1, seed=0)
     step = lambda verdict: f"01+1=02 {verdict}.\n\n"
@@ -266,7 +268,7 @@ def test_score_and_server_agree_on_text_the_tokenizer_cannot_read(capsys, tmp_pa
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from sprm_kernels.model.server import create_app
+    from sprm_kernels.model.serving.app import create_app
 
     text = "abc"
     path = tmp_path / "in.jsonl"
@@ -300,7 +302,7 @@ def test_version_and_help_texts(capsys):
 
 
 def test_default_threads_one_for_a_small_cpu_model_unless_told(capsys, monkeypatch, model_dir):
-    from sprm_kernels.model.cli import default_threads
+    from sprm_kernels.model.cli.main import default_threads
 
     model = ReflectiveModel.from_pretrained(model_dir, backend="torch")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -329,14 +331,14 @@ def test_bench_runs_python_dash_m_bench_in_the_checkout_from_anywhere(tmp_path):
 
 
 def test_bench_without_a_checkout_is_a_one_line_error(capsys, monkeypatch):
-    from sprm_kernels.model import cli
+    import sprm_kernels.model.cli.main as cli
 
     monkeypatch.setattr(cli, "source_checkout", lambda: None)
     assert_one_line_usage_error(*run(capsys, "bench"), "bench: the benchmarks live in the source checkout")
 
 
 def test_rollout_collection_shows_progress_on_stderr_unless_quiet(capsys, tmp_path, model_dir):
-    from sprm_kernels.model import train
+    from sprm_kernels.model.training import fit as train
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{a}+1=", "reference": str(a + 1)}) + "\n" for a in range(3)))

@@ -10,7 +10,8 @@ from helpers import random_head
 from torch import nn
 
 from sprm_kernels import StepScorer, sprm_score, step_positions
-from sprm_kernels.model import ReflectiveModel, SPRMHead, tiny
+from sprm_kernels.model import ReflectiveModel, SPRMHead
+from sprm_kernels.model.shipped import tiny
 
 RULE = dict(step_token_ids=[3], think_start_id=1, think_end_id=2)
 IDS = torch.tensor([[1, 5, 3, 5, 3, 2]])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sprm_kernels.model import Engine, EngineInfo, GenerationParams, choose_best, load_engine
-from sprm_kernels.model.cli import SHIPPED_DIR
+from sprm_kernels.model.shipped import SHIPPED_DIR
 
 ENGINE_PARAMS = [
     pytest.param("hf", id="hf"),

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from sprm_kernels import sprm_score_reference, step_positions_reference
-from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens, tiny
-from sprm_kernels.model import reflective as reflective_module
-from sprm_kernels.model.reflective import _masks_packed_sequences
+from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens
+from sprm_kernels.model.engines.hf import engine as reflective_module
+from sprm_kernels.model.engines.hf.engine import _masks_packed_sequences
+from sprm_kernels.model.shipped import tiny
 
 HIDDEN = 32
 MARKERS = tiny.MARKERS
@@ -418,7 +419,7 @@ def test_bad_score_inputs_and_options_are_rejected(reflective):
 
 
 def test_length_batches_bound_the_budget_and_the_padding():
-    from sprm_kernels.model.reflective import _length_batches
+    from sprm_kernels.model.engines.hf.engine import _length_batches
 
     lengths = [100, 95, 50, 48, 10, 0]  # the empty sequence gets no batch
     assert _length_batches(lengths, budget=10_000, packed=False) == [[0, 1], [2, 3], [4]]  # padding <= 10%

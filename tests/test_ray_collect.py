@@ -1,20 +1,21 @@
 """`train collect --ray`: the merged RolloutSet equals the single-process `collect` (tensors, labels, texts), and
 the CLI writes the same rollouts. Skipped, visibly, without Ray."""
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("ray", reason="the Ray tests need Ray (pip install 'ray[data,serve]')")
 
-from sprm_kernels.model import task  # noqa: E402
-from sprm_kernels.model.engine import load_engine  # noqa: E402
-from sprm_kernels.model.jobs.output import read_rows  # noqa: E402
-from sprm_kernels.model.jobs.ray_collect import collect_on_ray  # noqa: E402
-from sprm_kernels.model.train import RolloutSet, collect, last_number_verifier  # noqa: E402
+from sprm_kernels.model.engines.registry import load_engine  # noqa: E402
+from sprm_kernels.model.ray.collect_job import collect_on_ray  # noqa: E402
+from sprm_kernels.model.ray.output import read_rows  # noqa: E402
+from sprm_kernels.model.shipped import (
+    SHIPPED_DIR,
+    task,  # noqa: E402
+)
+from sprm_kernels.model.training.fit import RolloutSet, collect, last_number_verifier  # noqa: E402
 
-SHIPPED = os.path.join(os.path.dirname(task.__file__), "shipped")
+SHIPPED = SHIPPED_DIR
 OPTIONS = dict(max_think_tokens=96, max_answer_tokens=8, temperature=1.0, top_p=1.0, seed=5)
 
 

@@ -10,15 +10,18 @@ import pytest
 
 pytest.importorskip("ray", reason="the Ray tests need Ray (pip install 'ray[data,serve]')")
 
-from sprm_kernels.model import evaluate as ev  # noqa: E402
-from sprm_kernels.model import task  # noqa: E402
-from sprm_kernels.model.engine import load_engine  # noqa: E402
-from sprm_kernels.model.head import SPRMHead  # noqa: E402
-from sprm_kernels.model.jobs.cluster import Workers  # noqa: E402
-from sprm_kernels.model.jobs.output import read_rows  # noqa: E402
-from sprm_kernels.model.jobs.ray_eval import ROW_KEYS, sample_on_ray  # noqa: E402
+from sprm_kernels.model.core.head import SPRMHead  # noqa: E402
+from sprm_kernels.model.engines.registry import load_engine  # noqa: E402
+from sprm_kernels.model.evaluation import best_of_k as ev  # noqa: E402
+from sprm_kernels.model.ray.cluster import Workers  # noqa: E402
+from sprm_kernels.model.ray.eval_job import ROW_KEYS, sample_on_ray  # noqa: E402
+from sprm_kernels.model.ray.output import read_rows  # noqa: E402
+from sprm_kernels.model.shipped import (
+    SHIPPED_DIR,
+    task,  # noqa: E402
+)
 
-SHIPPED = os.path.join(os.path.dirname(ev.__file__), "shipped")
+SHIPPED = SHIPPED_DIR
 N, K, SEED, TEMPERATURE = 5, 2, 3, 1.0
 
 
@@ -72,7 +75,7 @@ def test_two_workers_one_killed_mid_job_same_results(ray_local, problems, single
 def test_cli_report_equals_single_process_plus_workers(ray_local, capsys, tmp_path):
     """`sprm eval --ray --num-workers 1 --json --out rows.parquet`: the report of the run without Ray, plus
     "workers": 1 (the test above covers 2 workers), and one Parquet row per problem, in order."""
-    from sprm_kernels.model.cli import main
+    from sprm_kernels.model.cli.main import main
 
     args = ["eval", "--n", "3", "--ks", "1,2", "--seed", str(SEED), "--json"]
     assert main(args + ["--ray", "--num-workers", "1", "--out", str(tmp_path / "e.parquet")]) == 0
@@ -99,7 +102,7 @@ def test_cli_report_equals_single_process_plus_workers(ray_local, capsys, tmp_pa
 )
 def test_cli_bad_ray_options_are_usage_errors(extra, message, capsys):
     """Bad options fail before any work (no Ray needed: argparse or the option checks refuse them)."""
-    from sprm_kernels.model.evaluate import evaluate_main
+    from sprm_kernels.model.evaluation.best_of_k import evaluate_main
 
     try:  # argparse's own checks return 2 through cli.main; the option checks after parsing exit 2
         status = evaluate_main(["--n", "2"] + extra)

@@ -2,7 +2,6 @@
 to the engine's, errors, auth), and a replica killed under load (measured: failures in flight, none afterwards).
 Skipped, visibly, without Ray."""
 
-import os
 import socket
 import threading
 import time
@@ -12,10 +11,11 @@ import pytest
 pytest.importorskip("ray", reason="the Ray tests need Ray (pip install 'ray[data,serve]')")
 httpx = pytest.importorskip("httpx")
 
-from sprm_kernels.model.engine import load_engine  # noqa: E402
-from sprm_kernels.model.serving import ray_serve  # noqa: E402
+from sprm_kernels.model.engines.registry import load_engine  # noqa: E402
+from sprm_kernels.model.ray import serve as ray_serve  # noqa: E402
+from sprm_kernels.model.shipped import SHIPPED_DIR  # noqa: E402
 
-SHIPPED = os.path.join(os.path.dirname(ray_serve.__file__), "..", "shipped")
+SHIPPED = SHIPPED_DIR
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TEXT = "1+2+3=?<think>01+2=03 y.\n\n03+3=06 y.\n\n</think>6"

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from sprm_kernels.model import ReflectiveModel, load_engine, tiny
-from sprm_kernels.model.cli import SHIPPED_DIR
-from sprm_kernels.model.search import SearchParams, _Rows, _Search
+from sprm_kernels.model import ReflectiveModel, load_engine
+from sprm_kernels.model.engines.hf.search import SearchParams, _Rows, _Search
+from sprm_kernels.model.shipped import SHIPPED_DIR, tiny
 
 PROMPT = "4+8+1+6+9+3=?"
 SAMPLING = dict(temperature=1.0, top_p=1.0, max_think_tokens=100, max_answer_tokens=4)
@@ -154,7 +154,7 @@ def test_bad_search_arguments_are_named(rm, kwargs, match):
 
 
 def test_cli_generate_search_prints_the_search(capsys):
-    from sprm_kernels.model.cli import main
+    from sprm_kernels.model.cli.main import main
 
     argv = ["generate", PROMPT, "--search", "dvts", "--beam-width", "2", "--expansions", "2", "--seed", "0",
             "--max-think-tokens", "60", "--max-answer-tokens", "3", "--json"]  # fmt: skip
@@ -168,7 +168,7 @@ def test_cli_generate_search_prints_the_search(capsys):
 def test_compute_view_goals_from_hand_made_rows():
     """Best-of-8 reaches 0.8 with 800 tokens; beam reaches 0.8 at 400 tokens (50%) and lies above the interpolated
     best-of-k curve at 2 of its 3 budgets (at 100 tokens it is below: 0.3 < 0.5)."""
-    from sprm_kernels.model.compute_eval import goals
+    from sprm_kernels.model.evaluation.compute_view import goals
 
     rows = [{"method": "sprm", "budget": f"k={k}", "tokens": 100.0 * k, "accuracy": a}
             for k, a in ((1, 0.5), (2, 0.6), (4, 0.7), (8, 0.8))]  # fmt: skip

@@ -1,7 +1,7 @@
 """The HTTP server (model/server.py) under a real uvicorn on 127.0.0.1 and a real HTTP client (httpx).
 
 Most tests run the server in a thread of this process around an in-memory tiny model, so that a test can slow
-the model down or make it fail; the shutdown test runs `python -m sprm_kernels.model.cli serve` as a subprocess
+the model down or make it fail; the shutdown test runs `python -m sprm_kernels.model.cli.main serve` as a subprocess
 and sends it SIGTERM. Every wait is bounded; every server is stopped (and every child killed) in a finally.
 """
 
@@ -28,9 +28,10 @@ httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
 
-from sprm_kernels.model import ReflectiveModel, tiny  # noqa: E402
-from sprm_kernels.model.server import create_app  # noqa: E402
-from sprm_kernels.model.tokens import chat_prompt_ids  # noqa: E402
+from sprm_kernels.model import ReflectiveModel  # noqa: E402
+from sprm_kernels.model.core.tokens import chat_prompt_ids  # noqa: E402
+from sprm_kernels.model.serving.app import create_app  # noqa: E402
+from sprm_kernels.model.shipped import tiny  # noqa: E402
 
 HIDDEN = 32
 CONTEXT = 256  # the tiny policy's max_position_embeddings
@@ -395,7 +396,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_subprocess(tmp_path, *options: str):
-    """`python -m sprm_kernels.model.cli serve` on a tiny saved model and a free loopback port, started and waited
+    """`python -m sprm_kernels.model.cli.main serve` on a tiny saved model and a free loopback port, started and waited
     for; yields (child, base URL, log path); killed in the end if still alive."""
     model_dir = tiny.save_tiny_reflective(tmp_path / "model", hidden_size=HIDDEN)
     port = free_port()
@@ -626,7 +627,7 @@ def test_body_over_the_limit_is_413_before_the_app_reads_it(model):
 
 def test_text_over_the_character_limit_is_413_without_tokenizing(model, monkeypatch):
     """A text longer than max_text_tokens x the longest vocabulary entry cannot fit: refused by its length alone."""
-    from sprm_kernels.model.server import longest_token_chars
+    from sprm_kernels.model.serving.app import longest_token_chars
 
     longest = longest_token_chars(model.tokenizer)
     assert longest == len("<|assistant|>")  # the tiny tokenizer's longest entry

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from sprm_kernels.model import task
-from sprm_kernels.model.build_shipped import make_tokenizer
-from sprm_kernels.model.evaluate import evaluate, format_table
+from sprm_kernels.model.evaluation.best_of_k import evaluate, format_table
+from sprm_kernels.model.shipped import SHIPPED_DIR, task
+from sprm_kernels.model.shipped.build import make_tokenizer
 
-SHIPPED = os.path.join(os.path.dirname(task.__file__), "shipped")
+SHIPPED = SHIPPED_DIR
 needs_shipped = pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, "config.json")), reason="not built")
 
 
@@ -160,7 +160,7 @@ def test_batched_scores_equal_scores_alone_within_the_stated_bound():
     (a relative error of the score is an absolute error of its mean log probability, i.e. of the step logits); the
     bounds leave 4-5x room. Token ids and scored positions are exact."""
     from sprm_kernels.model import ReflectiveModel
-    from sprm_kernels.model.tokens import chat_prompt_ids
+    from sprm_kernels.model.core.tokens import chat_prompt_ids
 
     rm = ReflectiveModel.from_pretrained(SHIPPED, device="cpu", backend="torch")
     rng = random.Random(0)
@@ -191,7 +191,7 @@ def test_shipped_heads_rank_a_right_trace_above_the_same_trace_with_one_wrong_st
     Scored after the problem's prompt, as candidates are (without it, a right step scores 0.0-0.18: a context the
     head never saw; the margin below once held without the prompt only because a tokenizer dropped the spaces)."""
     from sprm_kernels.model import ReflectiveModel, SPRMHead
-    from sprm_kernels.model.tokens import chat_prompt_ids
+    from sprm_kernels.model.core.tokens import chat_prompt_ids
 
     rm = ReflectiveModel.from_pretrained(SHIPPED, device="cpu", backend="torch")
     bce = ReflectiveModel(rm.model, rm.tokenizer, SPRMHead.from_pretrained(os.path.join(SHIPPED, "bce_head")))
@@ -228,7 +228,7 @@ def test_evaluate_returns_a_well_formed_result():
 
 @needs_shipped
 def test_sprm_eval_command_parses_its_options_and_prints_json(capsys, tmp_path):
-    from sprm_kernels.model.cli import main
+    from sprm_kernels.model.cli.main import main
 
     plot_path = tmp_path / "eval.png"
     assert main(["eval", "--n", "2", "--ks", "1,2", "--seed", "3", "--json", "--plot", str(plot_path)]) == 0

@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 
-from sprm_kernels.model import ReflectiveModel, task, tiny
-from sprm_kernels.model.build_shipped import CHARS as SHIPPED_CHARS
-from sprm_kernels.model.build_shipped import save_tokenizer
-from sprm_kernels.model.tokens import check_round_trip
+from sprm_kernels.model import ReflectiveModel
+from sprm_kernels.model.core.tokens import check_round_trip
+from sprm_kernels.model.shipped import SHIPPED_DIR, tiny
+from sprm_kernels.model.shipped.build import CHARS as SHIPPED_CHARS
+from sprm_kernels.model.shipped.build import save_tokenizer
 
-SHIPPED = os.path.join(os.path.dirname(task.__file__), "shipped")
+SHIPPED = SHIPPED_DIR
 # id -> decoded text, as the shipped policy was trained on them
 SHIPPED_TOKENS = [
     "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>", ".\n\n",

@@ -1,4 +1,4 @@
-"""The head trainer (sprm_kernels.model.train) and the generate hooks it needs (return_features, answer_all).
+"""The head trainer (sprm_kernels.model.training.fit) and the generate hooks it needs (return_features, answer_all).
 
 Rollouts of a tiny random policy check the plumbing: the features are the decoding's own layer L-2 rows at the
 final scored positions (no second forward), every candidate's answer comes from its own KV cache, the rollout file
@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from sprm_kernels import sprm_score
-from sprm_kernels.model import ReflectiveModel, SPRMHead, tiny
-from sprm_kernels.model import train as train_module
-from sprm_kernels.model.train import (
+from sprm_kernels.model import ReflectiveModel, SPRMHead
+from sprm_kernels.model.shipped import tiny
+from sprm_kernels.model.training import fit as train_module
+from sprm_kernels.model.training.fit import (
     RolloutSet,
     collect,
     evaluate,

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from sprm_kernels.model import GenerationParams, ReflectiveModel, choose_best  # noqa: E402
-from sprm_kernels.model.cli import SHIPPED_DIR  # noqa: E402
-from sprm_kernels.model.task import problems  # noqa: E402
-from sprm_kernels.model.tiny import make_tiny_head, save_tiny_reflective  # noqa: E402
+from sprm_kernels.model.shipped import SHIPPED_DIR  # noqa: E402
+from sprm_kernels.model.shipped.task import problems  # noqa: E402
+from sprm_kernels.model.shipped.tiny import make_tiny_head, save_tiny_reflective  # noqa: E402
 
 TOL = 1e-4
 BLOCK = 32  # vLLM's KV block on CPU, as the engine sets it (compat.CPU_BLOCK_SIZE)
@@ -37,7 +37,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(tiny_path):
-    from sprm_kernels.model.vllm import VLLMReflectiveModel
+    from sprm_kernels.model.engines.vllm import VLLMReflectiveModel
 
     # A small step budget splits prefills over steps (the recorder joins them; seeded rows survive it on CPU).
     engine = VLLMReflectiveModel.from_pretrained(tiny_path, max_model_len=256, max_num_batched_tokens=256)
@@ -228,7 +228,7 @@ def test_shipped_model_many_prompts_match_the_hf_engine(vllm_shipped):
 
 def test_train_collect_takes_the_vllm_engine(engines):
     """`train collect --engine vllm`: rollouts with the layer L-2 rows of every scored step."""
-    from sprm_kernels.model.train import collect
+    from sprm_kernels.model.training.fit import collect
 
     vllm_engine, hf = engines
     rollouts = collect(

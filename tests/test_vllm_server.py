@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from sprm_kernels.model.server import create_app  # noqa: E402
+from sprm_kernels.model.serving.app import create_app  # noqa: E402
 
 TEXTS = ["<think>04+8=12 y.\n\n12+1=13 y.\n\n</think>13", "<think>3+3=6 y.\n\n</think>6", "<think>9+9=18 y.\n\n"]
 

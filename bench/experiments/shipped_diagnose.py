@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sprm_kernels.model import ReflectiveModel, SPRMHead, task
-from sprm_kernels.model.evaluate import sample_candidates
+from sprm_kernels.model import ReflectiveModel, SPRMHead
+from sprm_kernels.model.evaluation.best_of_k import sample_candidates
+from sprm_kernels.model.shipped import task
 
 torch.set_num_threads(1)
 folder = sys.argv[1]

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from sprm_kernels.model import ReflectiveModel, task
-from sprm_kernels.model import build_shipped as build
-from sprm_kernels.model.evaluate import sample_candidates, selection_metrics, within_problem_gap
+from sprm_kernels.model import ReflectiveModel
+from sprm_kernels.model.evaluation.best_of_k import sample_candidates, selection_metrics, within_problem_gap
+from sprm_kernels.model.shipped import build, task
 
 RECIPES = {
     "shipped-spr": ("spr", {}),

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from sprm_kernels.model.evaluate import evaluate, format_table
+from sprm_kernels.model.evaluation.best_of_k import evaluate, format_table
 
 torch.set_num_threads(2)
 result = evaluate(sys.argv[1], n=int(sys.argv[2]) if len(sys.argv) > 2 else 200, split="validation", progress=False)

@@ -17,7 +17,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .head import SPRMHead
+from sprm_kernels.model.core.head import SPRMHead
 
 SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 MARKERS = ["<think>", "</think>", ".\n\n"]

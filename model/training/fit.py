@@ -34,10 +34,10 @@ import torch
 
 from sprm_kernels import spr_loss, sprm_score, sprm_step_logits
 from sprm_kernels.loss import MODES
-
-from .engine import Engine, load_engine
-from .head import SPRMHead
-from .selection import choose_best
+from sprm_kernels.model.core.head import SPRMHead
+from sprm_kernels.model.core.selection import choose_best
+from sprm_kernels.model.engines.base import Engine
+from sprm_kernels.model.engines.registry import load_engine
 
 ROLLOUTS_TENSORS = "rollouts.safetensors"
 ROLLOUTS_JSON = "rollouts.json"
@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     gather.add_argument("--seed", type=int, default=0)
     gather.add_argument("--device")
     gather.add_argument("--backend", choices=("torch", "triton"))
-    from .jobs.cluster import add_ray_arguments, workers_from_args
+    from sprm_kernels.model.ray.cluster import add_ray_arguments, workers_from_args
 
     add_ray_arguments(gather, out_help="with --ray: stream per-prompt summaries to this .jsonl / .parquet file",
                       out_flag="--rows")  # fmt: skip
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             answer_temperature=args.answer_temperature, seed=args.seed, progress=not args.quiet,
         )  # fmt: skip
         if workers is not None:  # --ray: the same rollouts from a pool of Ray actors (jobs/ray_collect.py)
-            from .jobs.ray_collect import collect_on_ray
+            from sprm_kernels.model.ray.collect_job import collect_on_ray
 
             engine_kwargs = {"backend": args.backend, **({"device": args.device} if args.device else {})}
             rollouts = collect_on_ray(

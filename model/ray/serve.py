@@ -65,8 +65,8 @@ class Replica:
     """One Serve replica: loads the engine, then Serve calls `__serve_build_asgi_app__` for the app it serves."""
 
     def __init__(self, model_dir: str, engine: str, device: str | None, threads: int, app_options: dict):
-        from ..engine import load_engine
-        from ..jobs.cluster import keep_replica_on_loopback, set_torch_threads
+        from sprm_kernels.model.engines.registry import load_engine
+        from sprm_kernels.model.ray.cluster import keep_replica_on_loopback, set_torch_threads
 
         keep_replica_on_loopback()
         set_torch_threads(threads)
@@ -74,7 +74,7 @@ class Replica:
         self.app_options = app_options
 
     def __serve_build_asgi_app__(self):
-        from ..server import create_app
+        from sprm_kernels.model.serving.app import create_app
 
         return create_app(self.engine, **self.app_options)
 
@@ -96,7 +96,7 @@ def deploy(
     answers. Serve's host and port are fixed when Serve first starts on a cluster (as `serve.start` does)."""
     from ray import serve
 
-    from ..jobs.cluster import check_model_dir, connect
+    from sprm_kernels.model.ray.cluster import check_model_dir, connect
 
     check_model_dir(model_dir)
     options = options or ReplicaOptions()

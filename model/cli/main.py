@@ -23,14 +23,14 @@ import os
 import sys
 
 from sprm_kernels import __version__
-
-from .engine import ENGINES, load_engine
-from .evaluate import add_eval_arguments
-from .head import PT_NAME, SAFETENSORS_NAME
-from .selection import MODES
+from sprm_kernels.model.core.head import PT_NAME, SAFETENSORS_NAME
+from sprm_kernels.model.core.selection import MODES
+from sprm_kernels.model.engines.registry import ENGINES, load_engine
+from sprm_kernels.model.evaluation.best_of_k import add_eval_arguments
+from sprm_kernels.model.shipped import SHIPPED_DIR
 
 PROG = "sprm"
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+
 USAGE_ERROR = 2
 
 
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--access-log", action="store_true", help="one log line per request (default: per batch)")
-    from .serving.ray_serve import add_arguments as add_ray_serve_arguments
+    from sprm_kernels.model.ray.serve import add_arguments as add_ray_serve_arguments
 
     add_ray_serve_arguments(serve)
 
@@ -334,7 +334,7 @@ def run_serve(args) -> int:
     if args.replicas != 1 or args.max_replicas is not None:
         raise UsageError("--replicas, --max-replicas: only with --ray")
     try:
-        from .server import serve
+        from sprm_kernels.model.serving.app import serve
     except ImportError as error:
         raise UsageError(f"serve needs the serve extra (pip install 'sprm-kernels[serve]'): {error}") from None
     if args.token is not None and not args.token.strip():
@@ -360,7 +360,7 @@ def run_serve_on_ray(args) -> int:
                          "'sprm-kernels[serve]')")  # fmt: skip
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UsageError(f"--model {args.model}: not a model folder (no config.json)")
-    from .serving import ray_serve
+    from sprm_kernels.model.ray import serve as ray_serve
 
     try:
         ray_serve.options_from_args(args)
@@ -420,7 +420,7 @@ def model_sampling(path: str, name: str, default: float) -> float:
 
 
 def run_eval(args) -> int:
-    from .evaluate import run_eval as evaluate_from_args
+    from sprm_kernels.model.evaluation.best_of_k import run_eval as evaluate_from_args
 
     return evaluate_from_args(args)
 
@@ -428,7 +428,7 @@ def run_eval(args) -> int:
 def source_checkout() -> str | None:
     """The source checkout this package runs from (an editable install: the folder holding model/ and bench/), or
     the current directory when it is one; None for a plain install, which has no benchmarks."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for folder in (here, os.getcwd()):
         if os.path.isfile(os.path.join(folder, "bench", "__main__.py")) and os.path.isfile(
             os.path.join(folder, "pyproject.toml")

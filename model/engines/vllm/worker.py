@@ -6,8 +6,8 @@ then calls `sprm_fetch` for the logits (and rows) at the positions it scores, an
 
 from __future__ import annotations
 
-from . import compat
-from .recorder import StepRecorder
+from sprm_kernels.model.engines.vllm import compat
+from sprm_kernels.model.engines.vllm.recorder import StepRecorder
 
 
 class SPRMWorkerExtension:

@@ -23,11 +23,10 @@ import time
 import torch
 from torch import nn
 
-from . import task
-from .head import SPRMHead
-from .tiny import CHAT_TEMPLATE, MARKERS, make_char_tokenizer, save_char_tokenizer
+from sprm_kernels.model.core.head import SPRMHead
+from sprm_kernels.model.shipped import SHIPPED_DIR, task
+from sprm_kernels.model.shipped.tiny import CHAT_TEMPLATE, MARKERS, make_char_tokenizer, save_char_tokenizer
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 CHARS = list("0123456789+=? yn.\n")
 POLICY = dict(hidden_size=128, num_layers=4, intermediate_size=384, heads=4, kv_heads=2, max_positions=160)
 SFT = dict(
@@ -71,7 +70,7 @@ def make_policy(vocab_size: int, seed: int = 0):
 
 def encode_example(tokenizer, problem: task.Problem, rng: random.Random) -> tuple[list[int], list[int]]:
     """(token ids of prompt + trace + answer + EOS, labels: the ids where supervised, -100 elsewhere)."""
-    from .tokens import chat_prompt_ids
+    from sprm_kernels.model.core.tokens import chat_prompt_ids
 
     ids = chat_prompt_ids(tokenizer, problem.prompt)
     labels = [-100] * len(ids)
@@ -208,8 +207,8 @@ def build(out: str = SHIPPED_DIR, *, policy_from: str | None = None, threads: in
     """Everything from scratch into `out`; `policy_from` (a folder this wrote) skips the SFT (for experiments)."""
     from transformers import AutoModelForCausalLM
 
-    from .evaluate import sample_candidates
-    from .reflective import ReflectiveModel
+    from sprm_kernels.model.engines.hf.engine import ReflectiveModel
+    from sprm_kernels.model.evaluation.best_of_k import sample_candidates
 
     torch.set_num_threads(threads)  # 1 on a shared machine: 2 contended threads ran 3x slower in total here
     times, start = {}, time.time()

@@ -25,7 +25,7 @@ import torch
 SUPPORTED = ((0, 32), (0, 33))  # [low, high): vLLM releases this module was written and tested for
 ARCHITECTURES = {"Qwen2ForCausalLM": "SPRMQwen2ForCausalLM", "LlamaForCausalLM": "SPRMLlamaForCausalLM"}
 CPU_BLOCK_SIZE = 32  # prefix-cache granularity on CPU (vLLM's CPU attention prefers multiples of 32)
-WORKER_EXTENSION = "sprm_kernels.model.vllm.worker.SPRMWorkerExtension"
+WORKER_EXTENSION = "sprm_kernels.model.engines.vllm.worker.SPRMWorkerExtension"
 
 
 def vllm_version() -> str | None:
@@ -44,7 +44,9 @@ def check_version() -> str:
     major_minor = tuple(int(part) for part in found.split(".")[:2])
     if not SUPPORTED[0] <= major_minor < SUPPORTED[1]:
         low, high = (".".join(map(str, v)) for v in SUPPORTED)
-        raise ImportError(f"vLLM {found} is not supported by sprm_kernels.model.vllm (supported: >={low},<{high})")
+        raise ImportError(
+            f"vLLM {found} is not supported by sprm_kernels.model.engines.vllm (supported: >={low},<{high})"
+        )
     return found
 
 
@@ -53,7 +55,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     for arch in ARCHITECTURES.values():
-        ModelRegistry.register_model(arch, f"sprm_kernels.model.vllm.model:{arch}")
+        ModelRegistry.register_model(arch, f"sprm_kernels.model.engines.vllm.model:{arch}")
 
 
 def base_classes() -> dict[str, type]:
@@ -247,7 +249,7 @@ def shutdown(llm) -> None:
 
 def wrap_model_runner(runner, recorder) -> None:
     """After each step's forward, hand the step's flat batch to `recorder` (see recorder.StepRecorder.record)."""
-    from .recorder import EXTRA_FEATURES, EXTRA_KEY
+    from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
 
     original = runner.execute_model
     head = runner.get_model().sprm

@@ -6,7 +6,7 @@ per-problem results (candidates, scores, choice) are those of `sprm eval` withou
 workers or the order they finish in. The driver streams the rows in problem order to `out` (JSON lines or Parquet,
 one row per problem, keyed by id) and computes the same report, plus `"workers"`.
 
-    from sprm_kernels.model.jobs.ray_eval import evaluate_on_ray
+    from sprm_kernels.model.ray.eval_job import evaluate_on_ray
     report = evaluate_on_ray(n=100, ks=(1, 2, 4), num_workers=2, out="eval.jsonl")
 """
 
@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from .cluster import Workers, check_model_dir, set_torch_threads
+from sprm_kernels.model.ray.cluster import Workers, check_model_dir, set_torch_threads
 
 ROW_KEYS = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
 
@@ -26,8 +26,8 @@ class EvalWorker:
 
     def __init__(self, model_dir, engine, device, threads, k, temperature, seed, max_answer_tokens, bce_head_dir):
         set_torch_threads(threads)
-        from ..engine import load_engine
-        from ..head import SPRMHead
+        from sprm_kernels.model.core.head import SPRMHead
+        from sprm_kernels.model.engines.registry import load_engine
 
         self.rm = load_engine(model_dir, engine=engine, device=device, backend="torch")
         self.bce = None
@@ -36,8 +36,8 @@ class EvalWorker:
         self.options = dict(k=k, temperature=temperature, seed=seed, max_answer_tokens=max_answer_tokens)
 
     def __call__(self, batch: dict) -> dict:
-        from .. import task
-        from ..evaluate import sample_candidates
+        from sprm_kernels.model.evaluation.best_of_k import sample_candidates
+        from sprm_kernels.model.shipped import task
 
         ids, rows, cpu = [], [], []
         for problem_id, terms in zip(batch["id"], batch["terms"], strict=True):
@@ -72,8 +72,8 @@ def sample_on_ray(
     """(samples, bce_scores) as `evaluate` builds them in one process, from a pool of Ray actors. `on_row(row)` is
     called on each raw row {"id", "row" (JSON), "pid", "cpu_s" (the worker's CPU seconds on it)} as it arrives
     (tests use it to kill a worker mid-job, the benchmark to sum the CPU time)."""
-    from . import pool
-    from .output import RowWriter
+    from sprm_kernels.model.ray import pool
+    from sprm_kernels.model.ray.output import RowWriter
 
     check_model_dir(model_dir)
     workers = workers or Workers()
@@ -113,7 +113,7 @@ def evaluate_on_ray(
 ) -> dict:
     """`evaluate.evaluate` (same arguments, same report plus "workers") with the sampling on Ray. address: None
     starts a private Ray on 127.0.0.1; "auto" or "HOST:PORT" joins a cluster."""
-    from ..evaluate import evaluate
+    from sprm_kernels.model.evaluation.best_of_k import evaluate
 
     workers = Workers(num_workers, cpus_per_worker, gpus_per_worker)
     return evaluate(model_dir, ray=address or "local", workers=workers, out=out, **evaluate_kwargs)

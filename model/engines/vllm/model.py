@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sprm_kernels.model.core.head import STATE_KEYS, SPRMHead
+from sprm_kernels.model.engines.vllm import compat
 from sprm_kernels.torch_ops import head_logits_fp32
-
-from ..head import STATE_KEYS, SPRMHead
-from . import compat
 
 
 class _HeadState(nn.Module):

@@ -7,7 +7,7 @@ returns in one process, whatever the number of workers; prompts stay in their or
 safetensors bytes (the features keep their dtype) plus JSON. `rows` streams a per-prompt summary (.jsonl or
 .parquet) as parts arrive.
 
-    from sprm_kernels.model.jobs.ray_collect import collect_on_ray
+    from sprm_kernels.model.ray.collect_job import collect_on_ray
     rollouts = collect_on_ray("model/shipped", prompts, verifier, k=8, num_workers=2)
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cluster import Workers, check_model_dir, set_torch_threads
+from sprm_kernels.model.ray.cluster import Workers, check_model_dir, set_torch_threads
 
 LIST_FIELDS = ("prompts", "prompt_token_ids", "texts", "answers")
 
@@ -29,7 +29,7 @@ class CollectWorker:
 
     def __init__(self, model_dir, engine, engine_kwargs, threads, verifier, k, seed, options):
         set_torch_threads(threads)
-        from ..engine import load_engine
+        from sprm_kernels.model.engines.registry import load_engine
 
         self.model = load_engine(model_dir, engine=engine, **engine_kwargs)
         self.verifier, self.k, self.seed, self.options = verifier, k, seed, options
@@ -37,7 +37,7 @@ class CollectWorker:
     def __call__(self, batch: dict) -> dict:
         from safetensors.torch import save
 
-        from ..train import collect
+        from sprm_kernels.model.training.fit import collect
 
         ids, tensors, lists = [], [], []
         for prompt_id, prompt in zip(batch["id"], batch["prompt"], strict=True):
@@ -52,7 +52,7 @@ class CollectWorker:
 
 def merge(parts: list, seed: int):
     """One `RolloutSet` from one-prompt sets in prompt order: what `collect` builds over all the prompts."""
-    from ..train import RolloutSet, _csr
+    from sprm_kernels.model.training.fit import RolloutSet, _csr
 
     def cat(name):
         return torch.cat([getattr(part, name) for part in parts])
@@ -93,9 +93,9 @@ def collect_on_ray(
     file of per-prompt summaries, streamed."""
     from safetensors.torch import load
 
-    from ..train import RolloutSet
-    from . import pool
-    from .output import RowWriter
+    from sprm_kernels.model.ray import pool
+    from sprm_kernels.model.ray.output import RowWriter
+    from sprm_kernels.model.training.fit import RolloutSet
 
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts: expected a non-empty list of prompts, got {prompts!r:.80}")

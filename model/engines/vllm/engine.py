@@ -24,17 +24,16 @@ import uuid
 import torch
 
 from sprm_kernels import step_positions
+from sprm_kernels.model.core.head import SPRMHead
+from sprm_kernels.model.core.params import GenerationParams
+from sprm_kernels.model.core.selection import choose_best
+from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
+from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
+from sprm_kernels.model.engines.base import EngineInfo
+from sprm_kernels.model.engines.common import check_batch_tokens, encode_texts, prompt_token_ids, token_lists
+from sprm_kernels.model.engines.vllm import compat
+from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
 from sprm_kernels.torch_ops import clamped_log_sigmoid
-
-from ..engine import EngineInfo
-from ..head import SPRMHead
-from ..params import GenerationParams
-from ..reflective import ReflectiveModel
-from ..selection import choose_best
-from ..tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
-from ..types import Candidate, GenerationResult, GenerationStats, ScoreResult
-from . import compat
-from .recorder import EXTRA_FEATURES, EXTRA_KEY
 
 
 class VLLMReflectiveModel:
@@ -43,6 +42,8 @@ class VLLMReflectiveModel:
     >>> rm = VLLMReflectiveModel.from_pretrained("path/to/MetaStone-S1-1.5B")
     >>> rm.generate(["What is 2+3?", "What is 4+4?"], mode="low")[1].answer
     """
+
+    supports_prompt_lists = True  # engines.base.SupportsPromptLists
 
     def __init__(
         self, llm, tokenizer, *, path: str, hidden_size: int, num_layers: int, lang: str = "en",
@@ -105,17 +106,13 @@ class VLLMReflectiveModel:
             device=self._device,
             dtype=self._dtype,
             backend="auto",
-            supports_prompt_lists=True,
-            supports_features=True,
         )
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return encode_texts(self.tokenizer, texts)
 
     def prompt_ids(self, prompt_or_messages) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, prompt_or_messages)
+        return prompt_token_ids(self.tokenizer, prompt_or_messages)
 
     def close(self) -> None:
         """Stop vLLM's engine process now (it also stops at exit)."""
@@ -128,9 +125,8 @@ class VLLMReflectiveModel:
     ) -> ScoreResult | list[ScoreResult]:
         """SPRM scores of texts (tokenized without special tokens) or token id lists, as `ReflectiveModel.score`.
         All sequences go to vLLM at once (its scheduler batches them; `batch_tokens` is checked, then unused)."""
-        sequences, single = ReflectiveModel._token_lists(self, texts_or_token_ids)  # same parsing, same errors
-        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-            raise ValueError(f"batch_tokens: expected a positive int, got {batch_tokens!r}")
+        sequences, single = token_lists(self.tokenizer, texts_or_token_ids, self.vocab_size)  # the HF engine's errors
+        check_batch_tokens(batch_tokens)
         self._check_lengths(sequences, "texts_or_token_ids", extra=1)
         results = self._score_sequences(sequences, return_all_scores)
         return results[0] if single else results

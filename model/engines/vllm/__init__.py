@@ -5,10 +5,10 @@ never imports this subpackage. `register()` (also run by vLLM itself in each of 
 `vllm.general_plugins` entry point) registers the SPRM model classes with vLLM; calling it twice is harmless.
 """
 
-from .compat import check_version, register
+from sprm_kernels.model.engines.vllm.compat import check_version, register
 
 check_version()
 
-from .engine import VLLMReflectiveModel  # noqa: E402  (after the version check)
+from sprm_kernels.model.engines.vllm.engine import VLLMReflectiveModel  # noqa: E402  (after the version check)
 
 __all__ = ["VLLMReflectiveModel", "register"]

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import task
+from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 SUBSETS = 64  # random k-subsets per problem and k (all 32 candidates once for k = 32)
@@ -182,11 +182,11 @@ def evaluate(
     the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed.
     ray: sample on a pool of Ray actors (`jobs.ray_eval`; "local" starts Ray on 127.0.0.1), `workers` (a
     `jobs.cluster.Workers`) sized, rows streamed to `out` (.jsonl or .parquet): the same report, plus "workers"."""
-    from .engine import load_engine
-    from .head import SPRMHead
+    from sprm_kernels.model.core.head import SPRMHead
+    from sprm_kernels.model.engines.registry import load_engine
 
     start = time.time()
-    model_dir = model_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+    model_dir = model_dir or SHIPPED_DIR
     settings = {}
     if os.path.isfile(os.path.join(model_dir, "sprm_task.json")):
         with open(os.path.join(model_dir, "sprm_task.json")) as f:
@@ -202,7 +202,7 @@ def evaluate(
     problems = task.problems(split, n, seed=seed, difficulty=difficulty)
     bce_head_dir = bce_head_dir or os.path.join(model_dir, "bce_head")
     if ray is not None:
-        from .jobs.ray_eval import Workers, sample_on_ray
+        from sprm_kernels.model.ray.eval_job import Workers, sample_on_ray
 
         workers = workers or Workers()
         samples, bce_scores = sample_on_ray(
@@ -211,7 +211,7 @@ def evaluate(
         )  # fmt: skip
     else:
         rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
-        from .cli import set_threads
+        from sprm_kernels.model.cli.main import set_threads
 
         set_threads(threads, rm)  # `threads`, else 1 for a small model (cli.default_threads)
         samples = sample_candidates(
@@ -318,7 +318,7 @@ def plot(result: dict, path: str) -> None:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `sprm eval` (also `python -m sprm_kernels.model.evaluate`)."""
-    from .cli import THREADS_HELP, positive_int, positive_int_list
+    from sprm_kernels.model.cli.main import THREADS_HELP, positive_int, positive_int_list
 
     parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf (transformers) or vllm")
@@ -341,7 +341,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expansions", type=positive_int, default=2, help="--search: children per beam (default 2)")
     parser.add_argument("--difficulty", type=int, default=None, help="terms per problem (default: the model's)")
 
-    from .jobs.cluster import add_ray_arguments
+    from sprm_kernels.model.ray.cluster import add_ray_arguments
 
     add_ray_arguments(parser, out_help="with --ray: stream one row per problem to this .jsonl or .parquet file")
 
@@ -351,7 +351,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before the run (which takes minutes): folders, the plot's folder."""
-    from .cli import UsageError, check_head_folder, check_model_folder
+    from sprm_kernels.model.cli.main import UsageError, check_head_folder, check_model_folder
 
     if args.model is not None:
         check_model_folder(args.model)
@@ -370,8 +370,8 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    from .jobs.cluster import workers_from_args
-    from .jobs.output import check_out_path
+    from sprm_kernels.model.ray.cluster import workers_from_args
+    from sprm_kernels.model.ray.output import check_out_path
 
     check_eval_arguments(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only (checked above): never a download
@@ -400,10 +400,10 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 
 
 def _run_compute_view(args: argparse.Namespace) -> int:
-    from .cli import UsageError
-    from .compute_eval import compute_view
-    from .compute_eval import format_table as compute_table
-    from .compute_eval import plot as compute_plot
+    from sprm_kernels.model.cli.main import UsageError
+    from sprm_kernels.model.evaluation.compute_view import compute_view
+    from sprm_kernels.model.evaluation.compute_view import format_table as compute_table
+    from sprm_kernels.model.evaluation.compute_view import plot as compute_plot
 
     methods = tuple(m.strip() for m in args.search.split(","))
     if not methods or any(m not in ("beam", "dvts") for m in methods):
@@ -420,7 +420,7 @@ def _run_compute_view(args: argparse.Namespace) -> int:
 
 def evaluate_main(argv=None) -> int:
     """`python -m sprm_kernels.model.evaluate [--model DIR] [--n N] [--json] [--plot FILE.png]` (= `sprm eval`)."""
-    from .cli import main
+    from sprm_kernels.model.cli.main import main
 
     return main(["eval", *(sys.argv[1:] if argv is None else argv)])
 

@@ -13,7 +13,6 @@ import inspect
 import itertools
 import os
 import time
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,15 +21,16 @@ import torch
 from torch import nn
 
 from sprm_kernels import StepScorer, resolve_backend, sprm_score, step_positions
-
-from .cache import cache_argument, keep_row, new_cache, take_rows
-from .engine import EngineInfo
-from .head import SPRMHead
-from .params import GenerationParams
-from .sampling import sample_tokens
-from .selection import MODES, choose_best, geometric_mean
-from .tokens import LANGS, chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
-from .types import Candidate, GenerationResult, GenerationStats, ScoreResult
+from sprm_kernels.model.core.head import SPRMHead
+from sprm_kernels.model.core.params import GenerationParams
+from sprm_kernels.model.core.progress import progress_bar
+from sprm_kernels.model.core.sampling import sample_tokens
+from sprm_kernels.model.core.selection import MODES, choose_best, geometric_mean
+from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
+from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
+from sprm_kernels.model.engines.base import EngineInfo
+from sprm_kernels.model.engines.common import check_batch_tokens, encode_texts, prompt_token_ids, token_lists
+from sprm_kernels.model.engines.hf.compat import cache_argument, keep_row, new_cache, take_rows
 
 __all__ = ["MODES", "Candidate", "GenerationResult", "GenerationStats", "ReflectiveModel", "ScoreResult", "choose_best"]
 
@@ -130,19 +130,15 @@ class ReflectiveModel:
             dtype=str(self.dtype).removeprefix("torch."),
             backend=self.backend or "auto",
             num_parameters=sum(p.numel() for p in self.model.parameters()),
-            supports_prompt_lists=False,
-            supports_features=True,
         )
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added: what `score` scores for a text."""
-        if not texts:
-            return []
-        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return encode_texts(self.tokenizer, texts)
 
     def prompt_ids(self, prompt_or_messages) -> list[int]:
         """The chat template applied to a prompt or messages, tokenized: what `generate` prefills."""
-        return chat_prompt_ids(self.tokenizer, prompt_or_messages)
+        return prompt_token_ids(self.tokenizer, prompt_or_messages)
 
     def with_head(self, head: SPRMHead) -> ReflectiveModel:
         """Another head on the same backbone and tokenizer (nothing is copied), e.g. to compare two heads."""
@@ -200,9 +196,8 @@ class ReflectiveModel:
         per sequence from the restarting position ids; worth it with flash-attention, whose varlen kernels skip
         the masked blocks), else right-pad them. None: packed exactly when the model runs flash-attention.
         """
-        sequences, single = self._token_lists(texts_or_token_ids)
-        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-            raise ValueError(f"batch_tokens: expected a positive int, got {batch_tokens!r}")
+        sequences, single = token_lists(self.tokenizer, texts_or_token_ids, self.vocab_size)
+        check_batch_tokens(batch_tokens)
         packed = self._resolve_packed(packed)
         backend = self.backend if backend is None else backend
         results = [ScoreResult(0.0, [] if return_all_scores else None, [], []) for _ in sequences]
@@ -211,35 +206,6 @@ class ReflectiveModel:
             for index, result in zip(batch, batch_results, strict=True):
                 results[index] = result
         return results[0] if single else results
-
-    def _token_lists(self, texts_or_token_ids) -> tuple[list[list[int]], bool]:
-        # A non-empty list of ints is one sequence; an empty list is an empty batch.
-        single = isinstance(texts_or_token_ids, str) or (_is_id_list(texts_or_token_ids) and len(texts_or_token_ids))
-        items = [texts_or_token_ids] if single else texts_or_token_ids
-        if isinstance(items, torch.Tensor) or not isinstance(items, Sequence):
-            raise ValueError(
-                "texts_or_token_ids: expected a text, a list of token ids, or a list of those, "
-                f"got {type(texts_or_token_ids).__name__}"
-            )
-        sequences = []
-        for item in items:
-            if isinstance(item, str):
-                sequences.append(list(self.tokenizer(item, add_special_tokens=False)["input_ids"]))
-            elif _is_id_list(item):
-                sequences.append([int(i) for i in (item.tolist() if isinstance(item, torch.Tensor) else item)])
-            else:
-                raise ValueError(
-                    f"texts_or_token_ids: expected each item to be a text or a list of token ids, got {item!r:.80}"
-                )
-        vocab_size = self.vocab_size
-        for index, sequence in enumerate(sequences):
-            if sequence and not 0 <= min(sequence) <= max(sequence) < vocab_size:
-                bad = next(i for i in sequence if not 0 <= i < vocab_size)
-                raise ValueError(
-                    f"texts_or_token_ids: expected token ids in [0, {vocab_size}) (the model's vocabulary), "
-                    f"got {bad} in item {index}"
-                )
-        return sequences, single
 
     def _resolve_packed(self, packed: bool | None) -> bool:
         attn = str(getattr(self.model.config, "_attn_implementation", None) or "")
@@ -406,7 +372,7 @@ class ReflectiveModel:
         """Step-level beam search or DVTS guided by the streaming step scores, with KV forking (`search.search`:
         method="beam" | "dvts", beam_width, expansions, aggregate="mean" | "last" | "min", and generate's
         sampling options). Returns the same `GenerationResult` as `generate`; candidates are the finished beams."""
-        from .search import search
+        from sprm_kernels.model.engines.hf.search import search
 
         return search(self, prompt_or_messages, **options)
 
@@ -460,7 +426,7 @@ class ReflectiveModel:
         span = _ThinkSpan(prompt_ids, k, self.think_start_id, self.think_end_id, device)
         previous = torch.full((k,), prompt_ids[-1], dtype=torch.long, device=device)
         live = torch.ones(k, dtype=torch.bool, device=device)
-        bar = _progress_bar(max_think_tokens, f"thinking (k={k})", progress)
+        bar = progress_bar(max_think_tokens, f"thinking (k={k})", progress, leave=False)
         for i in range(max_think_tokens):
             position = len(prompt_ids) - 1 + i  # predicts the token sampled now
             token = torch.full((k,), self.pad_token_id, dtype=torch.long, device=device)
@@ -562,7 +528,7 @@ class ReflectiveModel:
         """Feed the chosen row's pending tokens, then decode one row until EOS or the budget."""
         answer, fed = [], 0
         input_ids = torch.tensor([pending], device=self.device)
-        bar = _progress_bar(max_answer_tokens, "answer", progress)
+        bar = progress_bar(max_answer_tokens, "answer", progress, leave=False)
         for _ in range(max_answer_tokens):
             out = self.model(input_ids=input_ids, **{self._cache_argument: cache}, use_cache=True)
             fed += input_ids.shape[1]
@@ -650,12 +616,6 @@ class _ThinkSpan:
             self.counts[marker] += seen
 
 
-def _is_id_list(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 1 and not value.is_floating_point()
-    return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-
-
 def _length_batches(lengths: list[int], budget: int, packed: bool, max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Indices of the non-empty sequences, longest first, in batches of at most `budget` tokens: the sum of the
     lengths when packed, rows x longest when padded (one sequence over the budget gets a batch of its own).
@@ -713,16 +673,6 @@ def _masks_packed_sequences() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _progress_bar(total: int | None, description: str, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=description, leave=False)
 
 
 class _Clock:

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from . import task
-from .evaluate import _ci95, sample_candidates, selection_metrics
+from sprm_kernels.model.evaluation.best_of_k import _ci95, sample_candidates, selection_metrics
+from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
 VOTE_METHODS = ("sprm", "majority", "sprm_vote")  # best-of-k family drawn from the same samples
 NAMES = {"sprm": "SPRM best-of-k", "majority": "majority vote", "sprm_vote": "SPRM-weighted vote",
@@ -47,9 +47,9 @@ def compute_view(
     """Rows {method, budget, accuracy, ci95, tokens} for every method and budget, and the goal checks."""
     import json
 
-    from .engine import load_engine
+    from sprm_kernels.model.engines.registry import load_engine
 
-    model_dir = model_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+    model_dir = model_dir or SHIPPED_DIR
     settings = {}
     if os.path.isfile(os.path.join(model_dir, "sprm_task.json")):
         with open(os.path.join(model_dir, "sprm_task.json")) as f:
@@ -58,7 +58,7 @@ def compute_view(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     max_think = think_budget(difficulty)
     rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
-    from .cli import set_threads
+    from sprm_kernels.model.cli.main import set_threads
 
     set_threads(threads, rm)  # `threads`, else 1 for a small model
     problems = task.problems("test", n, seed=seed, difficulty=difficulty)

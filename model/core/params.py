@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from .selection import check_int, resolve_k
+from sprm_kernels.model.core.selection import check_int, resolve_k
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,23 @@ class GenerationParams:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+SEARCH_METHODS = ("beam", "dvts")
+AGGREGATES = ("mean", "last", "min")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    method: str = "beam"
+    beam_width: int = 4  # beam: survivors per round; DVTS: subtrees
+    expansions: int = 2  # children per survivor (the batch holds beam_width * expansions rows)
+    aggregate: str = "mean"
+
+    def __post_init__(self):
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"method: expected one of {list(SEARCH_METHODS)}, got {self.method!r}")
+        check_int("beam_width", self.beam_width, minimum=1)
+        check_int("expansions", self.expansions, minimum=1)
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate: expected one of {list(AGGREGATES)}, got {self.aggregate!r}")

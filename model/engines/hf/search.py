@@ -29,33 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from sprm_kernels import StepScorer, resolve_backend
+from sprm_kernels.model.core.params import GenerationParams, SearchParams
+from sprm_kernels.model.core.progress import progress_bar
+from sprm_kernels.model.core.sampling import sample_tokens
+from sprm_kernels.model.core.selection import choose_best, geometric_mean
+from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
+from sprm_kernels.model.engines.hf.compat import cache_argument, compact_row, new_cache
 from sprm_kernels.reference import PROB_EPS
-
-from .cache import cache_argument, compact_row, new_cache
-from .params import GenerationParams
-from .reflective import _progress_bar
-from .sampling import sample_tokens
-from .selection import check_int, choose_best, geometric_mean
-from .types import Candidate, GenerationResult, GenerationStats
-
-METHODS = ("beam", "dvts")
-AGGREGATES = ("mean", "last", "min")
-
-
-@dataclass(frozen=True)
-class SearchParams:
-    method: str = "beam"
-    beam_width: int = 4  # beam: survivors per round; DVTS: subtrees
-    expansions: int = 2  # children per survivor (the batch holds beam_width * expansions rows)
-    aggregate: str = "mean"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
-        check_int("beam_width", self.beam_width, minimum=1)
-        check_int("expansions", self.expansions, minimum=1)
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate: expected one of {list(AGGREGATES)}, got {self.aggregate!r}")
 
 
 class _Rows:
@@ -276,7 +256,7 @@ def search(
         run.forward_seconds += time.perf_counter() - start
         done_trees: set[int] = set()
         rounds = 0
-        bar = _progress_bar(None, f"{shape.method} search", progress)
+        bar = progress_bar(None, f"{shape.method} search", progress, leave=False)
         while len(rows):
             run.decode_round(rows, captured)
             rounds += 1

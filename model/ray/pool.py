@@ -12,13 +12,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 
-from .cluster import Workers
+from sprm_kernels.model.ray.cluster import Workers
 
 
 def run(items: list[dict], worker_cls: type, kwargs: dict, workers: Workers, *, address: str | None = None,
         ) -> Iterator[dict]:  # fmt: skip
     """Rows {"id", "row" (JSON text), "pid"} of `worker_cls(**kwargs)(batch)`, one per item, in item order."""
-    from .cluster import connect
+    from sprm_kernels.model.ray.cluster import connect
 
     ray = connect(address)
     context = ray.data.DataContext.get_current()

@@ -1,0 +1,68 @@
+"""What every engine shares about its inputs: texts and token ids, chat prompts, the tokenizer's round trip.
+
+Engines call these free functions on their own tokenizer, so that a bad input gets the same error on every engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sprm_kernels.model.core.tokens import chat_prompt_ids
+
+
+def is_id_list(value) -> bool:
+    """A 1-D integer tensor, or a list / tuple of Python ints (bools are not ids)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1 and not value.is_floating_point()
+    return isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added: what `score` scores for a text."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def prompt_token_ids(tokenizer, prompt_or_messages) -> list[int]:
+    """The chat template applied to a prompt (str) or messages, tokenized: what `generate` prefills."""
+    return chat_prompt_ids(tokenizer, prompt_or_messages)
+
+
+def token_lists(tokenizer, texts_or_token_ids, vocab_size: int) -> tuple[list[list[int]], bool]:
+    """`score`'s input as (token id lists, whether a single item was given).
+
+    A text or a non-empty list of ints is one item; a list of those is a batch (an empty list is an empty batch).
+    Texts are tokenized without special tokens; ids must lie in [0, vocab_size)."""
+    single = isinstance(texts_or_token_ids, str) or (is_id_list(texts_or_token_ids) and len(texts_or_token_ids))
+    items = [texts_or_token_ids] if single else texts_or_token_ids
+    if isinstance(items, torch.Tensor) or not isinstance(items, Sequence):
+        raise ValueError(
+            "texts_or_token_ids: expected a text, a list of token ids, or a list of those, "
+            f"got {type(texts_or_token_ids).__name__}"
+        )
+    sequences = []
+    for item in items:
+        if isinstance(item, str):
+            sequences.append(list(tokenizer(item, add_special_tokens=False)["input_ids"]))
+        elif is_id_list(item):
+            sequences.append([int(i) for i in (item.tolist() if isinstance(item, torch.Tensor) else item)])
+        else:
+            raise ValueError(
+                f"texts_or_token_ids: expected each item to be a text or a list of token ids, got {item!r:.80}"
+            )
+    for index, sequence in enumerate(sequences):
+        if sequence and not 0 <= min(sequence) <= max(sequence) < vocab_size:
+            bad = next(i for i in sequence if not 0 <= i < vocab_size)
+            raise ValueError(
+                f"texts_or_token_ids: expected token ids in [0, {vocab_size}) (the model's vocabulary), "
+                f"got {bad} in item {index}"
+            )
+    return sequences, bool(single)
+
+
+def check_batch_tokens(batch_tokens) -> None:
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"batch_tokens: expected a positive int, got {batch_tokens!r}")
