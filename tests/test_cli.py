@@ -165,15 +165,18 @@ def test_python_dash_m_entry_point(tmp_path):
 
 def test_defaults_are_the_shipped_model_and_budgets_that_fit(capsys, model_dir):
     from sprm_kernels.model import chat_prompt_ids
-    from sprm_kernels.model.cli.main import build_parser, default_budgets
+    from sprm_kernels.model.cli.main import build_parser
+    from sprm_kernels.model.engines.common import generation_options
     from sprm_kernels.model.shipped import SHIPPED_DIR
 
     assert build_parser().parse_args(["generate", "1+2"]).model == SHIPPED_DIR
     model = ReflectiveModel.from_pretrained(model_dir, backend="torch")  # context 256
-    think, answer = default_budgets(model, "1+2", None, None)
+    options = generation_options(model, "1+2")
+    think, answer = options["max_think_tokens"], options["max_answer_tokens"]
     prompt_tokens = len(chat_prompt_ids(model.tokenizer, "1+2"))
     assert answer == 32 and think + answer + prompt_tokens == 256  # 1/8 of the context for the answer, the rest thinks
-    assert default_budgets(model, "1+2", 7, 3) == (7, 3)
+    given = generation_options(model, "1+2", max_think_tokens=7, max_answer_tokens=3)
+    assert (given["max_think_tokens"], given["max_answer_tokens"]) == (7, 3)
     status, out, err = run(capsys, "generate", "1+2", "--k", "2", "--seed", "0", "--model", model_dir)
     assert status == 0 and "chosen: candidate" in out, err
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 from sprm_kernels import __version__
 from sprm_kernels.model.core.head import PT_NAME, SAFETENSORS_NAME
 from sprm_kernels.model.core.selection import MODES
+from sprm_kernels.model.core.types import generation_json, score_json
+from sprm_kernels.model.engines.common import context_limit, generation_options, generation_overflow, token_problem
 from sprm_kernels.model.engines.registry import ENGINES, load_engine
 from sprm_kernels.model.evaluation.best_of_k import add_eval_arguments
 from sprm_kernels.model.shipped import SHIPPED_DIR
@@ -36,83 +37,6 @@ USAGE_ERROR = 2
 
 class UsageError(Exception):
     """Printed as `sprm: error: <message>`, exit status 2."""
-
-
-# -- JSON forms of results (shared with the server) ---------------------------------------------------------------
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN: a non-finite score (a NaN in the model's features) is written as null."""
-    return value if math.isfinite(value) else None
-
-
-def score_json(result, return_all_scores: bool) -> dict:
-    """The reference server's response: {"value"}, or with return_all_scores also the step scores, the token ids
-    and the scored positions."""
-    if not return_all_scores:
-        return {"value": finite_or_none(result.value)}
-    return {
-        "value": finite_or_none(result.value),
-        "all_scores": [finite_or_none(p) for p in result.all_scores],
-        "token_ids": result.token_ids,
-        "score_positions": result.score_positions,
-    }
-
-
-def generation_json(result, *, token_ids: bool = False) -> dict:
-    """A `GenerationResult` as JSON; token ids only when asked (k x max_think_tokens of them)."""
-    candidates = []
-    for candidate in result.candidates:
-        item = {
-            "text": candidate.text,
-            "score": finite_or_none(candidate.score),
-            "step_scores": [finite_or_none(p) for p in candidate.step_scores],
-            "score_positions": candidate.score_positions,
-            "finished": candidate.finished,
-            "num_tokens": len(candidate.token_ids),
-        }
-        if token_ids:
-            item["token_ids"] = candidate.token_ids
-        candidates.append(item)
-    stats = result.stats
-    out = {
-        "candidates": candidates,
-        "best": result.best,
-        "answer": result.answer,
-        "stats": {
-            "prefill_tokens": stats.prefill_tokens,
-            "think_decode_tokens": stats.think_decode_tokens,
-            "think_generated_tokens": stats.think_generated_tokens,
-            "answer_decode_tokens": stats.answer_decode_tokens,
-            "total_tokens": stats.total_tokens,
-            "padded_decode_tokens": stats.padded_decode_tokens,
-            "rounds": stats.rounds,
-            "seconds": stats.seconds,
-        },
-    }
-    if token_ids:
-        out["answer_token_ids"] = result.answer_token_ids
-        out["prompt_token_ids"] = result.prompt_token_ids
-    return out
-
-
-def context_limit(model, max_text_tokens: int | None = None) -> int | None:
-    """The longest sequence accepted: `max_text_tokens` if given, else the model's `max_position_embeddings`."""
-    if max_text_tokens is not None:
-        if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
-            raise ValueError(f"max_text_tokens: expected a positive int, got {max_text_tokens!r}")
-        return max_text_tokens
-    return model.info().context_length
-
-
-def token_problem(ids: list[int], limit: int | None) -> tuple[int, str] | None:
-    """Why a text's token ids cannot be scored, as (HTTP status, message), or None: no tokens at all (a text made
-    only of characters the tokenizer drops), or more than `limit`. Shared by `sprm score` and the server."""
-    if not ids:
-        return 422, "expected a text with at least one token, got none (characters the tokenizer does not know?)"
-    if limit is not None and len(ids) > limit:
-        return 413, f"{len(ids)} tokens, over the limit of {limit} tokens"
-    return None
 
 
 # -- the command line -------------------------------------------------------------------------------------------
@@ -373,12 +297,13 @@ def run_generate(args) -> int:
     if not args.question.strip():
         raise UsageError("the question is empty")
     model = load_model(args.model, args.device, args.threads, args.engine)
-    max_think, max_answer = default_budgets(model, args.question, args.max_think_tokens, args.max_answer_tokens)
-    check_generation_fits(model, args.question, max_think, max_answer)
-    temperature = args.temperature if args.temperature is not None else model_sampling(args.model, "temperature", 0.6)
-    top_p = args.top_p if args.top_p is not None else model_sampling(args.model, "top_p", 0.95)
-    options = dict(seed=args.seed, max_think_tokens=max_think, max_answer_tokens=max_answer, temperature=temperature,
-                   top_p=top_p)  # fmt: skip
+    options = generation_options(
+        model, args.question, seed=args.seed, max_think_tokens=args.max_think_tokens,
+        max_answer_tokens=args.max_answer_tokens, temperature=args.temperature, top_p=args.top_p,
+    )  # fmt: skip
+    overflow = generation_overflow(model, args.question, options["max_think_tokens"], options["max_answer_tokens"])
+    if overflow:
+        raise UsageError(f"--max-think-tokens, --max-answer-tokens: the {overflow}")
     if args.search and not hasattr(model, "search"):
         raise UsageError(f"--search: the {args.engine} engine has no step-level search (use --engine hf)")
     if args.search and (args.mode or args.k):
@@ -396,27 +321,6 @@ def run_generate(args) -> int:
     else:
         print(describe_generation(result))
     return 0
-
-
-def default_budgets(model, prompt, max_think_tokens: int | None, max_answer_tokens: int | None) -> tuple[int, int]:
-    """Budgets not given default to 4096 thinking / 1024 answer tokens, shrunk to fit a small model's context."""
-    limit = context_limit(model)
-    if max_answer_tokens is None:
-        max_answer_tokens = 1024 if limit is None else min(1024, max(1, limit // 8))
-    if max_think_tokens is None:
-        room = None if limit is None else limit - len(model.prompt_ids(prompt)) - max_answer_tokens
-        max_think_tokens = 4096 if room is None else max(1, min(4096, room))
-    return max_think_tokens, max_answer_tokens
-
-
-def model_sampling(path: str, name: str, default: float) -> float:
-    """A sampling setting ("temperature", "top_p") that a model folder recommends in `sprm_task.json` (the
-    shipped model was trained and evaluated at temperature 1, top_p 1), else `default`."""
-    try:
-        with open(os.path.join(path, "sprm_task.json")) as f:
-            return float(json.load(f)[name])
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
 
 
 def run_eval(args) -> int:
@@ -450,18 +354,6 @@ def run_bench(args) -> int:
     command = [sys.executable, "-m", "bench"] + (["--full"] if args.full else [])
     command += [] if args.threads is None else ["--threads", str(args.threads)]
     return subprocess.run(command, cwd=checkout).returncode
-
-
-def check_generation_fits(model, prompt, max_think_tokens: int, max_answer_tokens: int) -> None:
-    """Refuse budgets that would run past the model's context (positions it was never trained on)."""
-    limit = context_limit(model)
-    prompt_tokens = len(model.prompt_ids(prompt))
-    total = prompt_tokens + max_think_tokens + max_answer_tokens
-    if limit is not None and total > limit:
-        raise UsageError(
-            f"the prompt ({prompt_tokens} tokens) + --max-think-tokens + --max-answer-tokens = {total} tokens, over "
-            f"the model's context of {limit}"
-        )
 
 
 def describe_generation(result) -> str:

@@ -6,24 +6,40 @@ arguments to `generate`, which builds it), so that a bad value gets the same err
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, fields
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from sprm_kernels.model.core.selection import check_int, resolve_k
 
 
+def option(default, help: str, **extra):
+    """A params field with the help text that the CLI options and the server's request schema are built from."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    mode: str = "medium"  # low / medium / high = k 2 / 8 / 32
-    k: int | None = None  # overrides the mode
-    max_think_tokens: int = 4096
-    max_answer_tokens: int = 1024
-    temperature: float = 0.6  # 0: greedy
-    top_p: float = 0.95
-    answer_temperature: float | None = None  # None: `temperature`
-    seed: int | None = None  # None: not reproducible
-    return_features: bool = False  # keep the layer L-2 rows of every scored step (for training the head)
-    answer_all: bool = False  # also answer after every losing candidate
+    """The options of one best-of-k generation. A field left out of a call takes the model folder's default
+    (`generation_defaults`): the folder's recommended temperature / top_p, budgets fitted to the context."""
+
+    mode: str = option("medium", "k = 2 / 8 / 32 candidates", choices=("low", "medium", "high"))
+    k: int | None = option(None, "number of candidates (overrides the mode)", minimum=1)
+    max_think_tokens: int = option(
+        4096, "thinking budget per candidate (default 4096, or what fits the context)", minimum=1, model_default=True
+    )
+    max_answer_tokens: int = option(
+        1024, "answer budget (default 1024, or 1/8 of the context)", minimum=0, model_default=True
+    )
+    temperature: float = option(0.6, "sampling temperature, 0 is greedy (default: the model's, else 0.6)",
+                                model_default=True)  # fmt: skip
+    top_p: float = option(0.95, "nucleus sampling (default: the model's, else 0.95)", model_default=True)
+    answer_temperature: float | None = option(None, "temperature of the answer (default: --temperature)")
+    seed: int | None = option(None, "sampling seed (default: none, so two runs differ: not reproducible)")
+    return_features: bool = option(False, "keep the layer L-2 rows of every scored step (for training the head)")
+    answer_all: bool = option(False, "also answer after every losing candidate")
 
     def __post_init__(self):
         resolve_k(self.mode, self.k)
@@ -63,10 +79,12 @@ AGGREGATES = ("mean", "last", "min")
 
 @dataclass(frozen=True)
 class SearchParams:
-    method: str = "beam"
-    beam_width: int = 4  # beam: survivors per round; DVTS: subtrees
-    expansions: int = 2  # children per survivor (the batch holds beam_width * expansions rows)
-    aggregate: str = "mean"
+    """Step-level search guided by the streaming step scores (docs/search.md)."""
+
+    method: str = option("beam", "beam search or DVTS (diverse verifier tree search)", choices=SEARCH_METHODS)
+    beam_width: int = option(4, "beam: survivors per round; DVTS: subtrees", minimum=1)
+    expansions: int = option(2, "children per survivor (the batch holds beam_width x expansions rows)", minimum=1)
+    aggregate: str = option("mean", "how a beam's step scores rank it", choices=AGGREGATES)
 
     def __post_init__(self):
         if self.method not in SEARCH_METHODS:
@@ -75,3 +93,54 @@ class SearchParams:
         check_int("expansions", self.expansions, minimum=1)
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate: expected one of {list(AGGREGATES)}, got {self.aggregate!r}")
+
+
+# -- defaults read from a model folder -----------------------------------------------------------------------------
+
+TASK_FILE = "sprm_task.json"  # a model folder's recommended sampling settings (the shipped model has one)
+
+
+def folder_sampling(folder: str | None) -> dict[str, float]:
+    """The sampling settings ("temperature", "top_p") a model folder recommends in its `sprm_task.json` (the
+    shipped model was trained and evaluated at temperature 1, top_p 1); {} when it recommends none."""
+    if folder is None:
+        return {}
+    try:
+        with open(os.path.join(folder, TASK_FILE)) as f:
+            task = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for name in ("temperature", "top_p"):
+        value = task.get(name) if isinstance(task, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[name] = float(value)
+    return found
+
+
+def fitted_budgets(
+    context_length: int | None, prompt_tokens: int, max_think_tokens: int | None, max_answer_tokens: int | None
+) -> tuple[int, int]:
+    """Budgets not given default to 4096 thinking / 1024 answer tokens, shrunk to fit a small model's context
+    (the answer to 1/8 of it, the thinking to what the prompt and the answer leave)."""
+    if max_answer_tokens is None:
+        max_answer_tokens = 1024 if context_length is None else min(1024, max(1, context_length // 8))
+    if max_think_tokens is None:
+        room = None if context_length is None else context_length - prompt_tokens - max_answer_tokens
+        max_think_tokens = 4096 if room is None else max(1, min(4096, room))
+    return max_think_tokens, max_answer_tokens
+
+
+def generation_defaults(
+    folder: str | None, context_length: int | None, prompt_tokens: int, given: Mapping[str, object]
+) -> dict[str, object]:
+    """`given` (GenerationParams keyword arguments; None means "not given") completed with the model's defaults:
+    temperature and top_p from the folder (`folder_sampling`), else the class defaults; budgets fitted to the
+    context (`fitted_budgets`). The one place the CLI, the server and the evaluation take defaults from."""
+    options = {name: value for name, value in given.items() if value is not None}
+    for name, value in folder_sampling(folder).items():
+        options.setdefault(name, value)
+    options["max_think_tokens"], options["max_answer_tokens"] = fitted_budgets(
+        context_length, prompt_tokens, options.get("max_think_tokens"), options.get("max_answer_tokens")
+    )
+    return options

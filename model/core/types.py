@@ -5,6 +5,7 @@ The CLI, the server, the evaluation and the trainer read these and nothing engin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,3 +63,61 @@ class GenerationResult:
     answer_token_ids: list[int]  # after the chosen thinking, EOS included when generated
     prompt_token_ids: list[int]
     stats: GenerationStats
+
+
+# -- JSON forms (the CLI's --json and the server's responses) -------------------------------------------------
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a non-finite score (a NaN in the model's features) is written as null."""
+    return value if math.isfinite(value) else None
+
+
+def score_json(result, return_all_scores: bool) -> dict:
+    """The reference server's response: {"value"}, or with return_all_scores also the step scores, the token ids
+    and the scored positions."""
+    if not return_all_scores:
+        return {"value": finite_or_none(result.value)}
+    return {
+        "value": finite_or_none(result.value),
+        "all_scores": [finite_or_none(p) for p in result.all_scores],
+        "token_ids": result.token_ids,
+        "score_positions": result.score_positions,
+    }
+
+
+def generation_json(result, *, token_ids: bool = False) -> dict:
+    """A `GenerationResult` as JSON; token ids only when asked (k x max_think_tokens of them)."""
+    candidates = []
+    for candidate in result.candidates:
+        item = {
+            "text": candidate.text,
+            "score": finite_or_none(candidate.score),
+            "step_scores": [finite_or_none(p) for p in candidate.step_scores],
+            "score_positions": candidate.score_positions,
+            "finished": candidate.finished,
+            "num_tokens": len(candidate.token_ids),
+        }
+        if token_ids:
+            item["token_ids"] = candidate.token_ids
+        candidates.append(item)
+    stats = result.stats
+    out = {
+        "candidates": candidates,
+        "best": result.best,
+        "answer": result.answer,
+        "stats": {
+            "prefill_tokens": stats.prefill_tokens,
+            "think_decode_tokens": stats.think_decode_tokens,
+            "think_generated_tokens": stats.think_generated_tokens,
+            "answer_decode_tokens": stats.answer_decode_tokens,
+            "total_tokens": stats.total_tokens,
+            "padded_decode_tokens": stats.padded_decode_tokens,
+            "rounds": stats.rounds,
+            "seconds": stats.seconds,
+        },
+    }
+    if token_ids:
+        out["answer_token_ids"] = result.answer_token_ids
+        out["prompt_token_ids"] = result.prompt_token_ids
+    return out

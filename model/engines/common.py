@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sprm_kernels.model.core.params import generation_defaults
 from sprm_kernels.model.core.tokens import chat_prompt_ids
 
 
@@ -66,3 +67,44 @@ def token_lists(tokenizer, texts_or_token_ids, vocab_size: int) -> tuple[list[li
 def check_batch_tokens(batch_tokens) -> None:
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise ValueError(f"batch_tokens: expected a positive int, got {batch_tokens!r}")
+
+
+def context_limit(engine, max_text_tokens: int | None = None) -> int | None:
+    """The longest sequence accepted: `max_text_tokens` if given, else the model's `max_position_embeddings`."""
+    if max_text_tokens is not None:
+        if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens: expected a positive int, got {max_text_tokens!r}")
+        return max_text_tokens
+    return engine.info().context_length
+
+
+def token_problem(ids: list[int], limit: int | None) -> tuple[int, str] | None:
+    """Why a text's token ids cannot be scored, as (HTTP status, message), or None: no tokens at all (a text made
+    only of characters the tokenizer drops), or more than `limit`. Shared by `sprm score` and the server."""
+    if not ids:
+        return 422, "expected a text with at least one token, got none (characters the tokenizer does not know?)"
+    if limit is not None and len(ids) > limit:
+        return 413, f"{len(ids)} tokens, over the limit of {limit} tokens"
+    return None
+
+
+def generation_options(engine, prompt_or_messages, **given) -> dict:
+    """`generate` / `search` keyword arguments: `given` (None: not given) completed with the model's defaults
+    (`core.params.generation_defaults`: the folder's temperature / top_p, budgets fitted to the context). The CLI
+    and the server both call this, so a bare prompt is sampled the same way by `sprm generate` and `POST /generate`."""
+    info = engine.info()
+    prompt_tokens = len(engine.prompt_ids(prompt_or_messages))
+    return generation_defaults(info.path, info.context_length, prompt_tokens, given)
+
+
+def generation_overflow(engine, prompt_or_messages, max_think_tokens: int, max_answer_tokens: int) -> str | None:
+    """Why these budgets run past the model's context (positions it was never trained on), or None."""
+    limit = context_limit(engine)
+    prompt_tokens = len(engine.prompt_ids(prompt_or_messages))
+    total = prompt_tokens + max_think_tokens + max_answer_tokens
+    if limit is not None and total > limit:
+        return (
+            f"prompt ({prompt_tokens} tokens) + max_think_tokens + max_answer_tokens = {total}, over the model's "
+            f"context of {limit} tokens"
+        )
+    return None

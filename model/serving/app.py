@@ -55,9 +55,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The JSON forms of results live in cli.py so that `sprm score` / `sprm generate` run without the serve extra.
-from sprm_kernels.model.cli.main import context_limit, generation_json, score_json, token_problem
-from sprm_kernels.model.core.types import ScoreResult
+from sprm_kernels.model.core.types import ScoreResult, generation_json, score_json
 from sprm_kernels.model.engines.base import Engine
+from sprm_kernels.model.engines.common import context_limit, token_problem
 
 logger = logging.getLogger("sprm.server")
 
