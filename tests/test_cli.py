@@ -305,13 +305,13 @@ def test_version_and_help_texts(capsys):
 
 
 def test_default_threads_one_for_a_small_cpu_model_unless_told(capsys, monkeypatch, model_dir):
-    from sprm_kernels.model.cli.main import default_threads
+    from sprm_kernels.model.core.threads import default_threads
 
-    model = ReflectiveModel.from_pretrained(model_dir, backend="torch")
+    info = ReflectiveModel.from_pretrained(model_dir, backend="torch").info()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert default_threads(model) == 1
+    assert default_threads(info.device, info.num_parameters) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert default_threads(model) is None  # torch already follows the environment
+    assert default_threads(info.device, info.num_parameters) is None  # torch already follows the environment
     torch.set_num_threads(2)
     status, _, err = run(capsys, "generate", "1+2", "--model", model_dir, "--threads", "3", *GENERATE)
     assert status == 0 and torch.get_num_threads() == 3, err

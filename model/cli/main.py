@@ -22,38 +22,23 @@ import os
 import sys
 
 from sprm_kernels import __version__
-from sprm_kernels.model.core.head import PT_NAME, SAFETENSORS_NAME
+from sprm_kernels.model.cli.common import *  # noqa: F403 (split in progress)
+from sprm_kernels.model.cli.common import (
+    PROG,
+    THREADS_HELP,
+    USAGE_ERROR,
+    Parser,
+    UsageError,
+    load_model,
+    non_negative_int,
+    positive_int,
+)
 from sprm_kernels.model.core.selection import MODES
 from sprm_kernels.model.core.types import generation_json, score_json
 from sprm_kernels.model.engines.common import context_limit, generation_options, generation_overflow, token_problem
-from sprm_kernels.model.engines.registry import ENGINES, load_engine
+from sprm_kernels.model.engines.registry import ENGINES
 from sprm_kernels.model.evaluation.best_of_k import add_eval_arguments
 from sprm_kernels.model.shipped import SHIPPED_DIR
-
-PROG = "sprm"
-
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """Printed as `sprm: error: <message>`, exit status 2."""
-
-
-# -- the command line -------------------------------------------------------------------------------------------
-
-
-class Parser(argparse.ArgumentParser):
-    """Usage errors in one line (`sprm eval: error: argument --n: expected a positive int, got '0' (see ...)`), exit
-    status 2 (argparse's default prints the usage first)."""
-
-    def error(self, message):
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-THREADS_HELP = (
-    "torch CPU threads (default: $OMP_NUM_THREADS if set, else 1 for a model under 50M parameters on CPU, whose ops "
-    "are too small to share, else torch's default of one per core)"
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,63 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return value
-
-
-def positive_int_list(text: str) -> list[int]:
-    """`1,2,8` -> [1, 2, 8]: comma-separated positive ints, at least one."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints such as 1,2,8, got {text!r}")
-    return values
-
-
-SMALL_MODEL_PARAMETERS = 50_000_000
-
-
-def default_threads(model) -> int | None:
-    """torch CPU threads for a loaded model: $OMP_NUM_THREADS when set (None: torch already follows it); else 1 on
-    CPU for a model under SMALL_MODEL_PARAMETERS, whose ops are too small to split across threads (the shipped
-    0.79M-parameter model: `sprm eval --n 20` took 75 s on 1 thread and 1441 s on torch's default 2 on a busy
-    2-core machine, see README; the 50M bound itself is a judgment, not measured), else None (torch's default:
-    one per physical core)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    info = model.info()
-    if not info.device.startswith("cpu") or info.num_parameters is None:
-        return None
-    return 1 if info.num_parameters < SMALL_MODEL_PARAMETERS else None
-
-
-def set_threads(threads: int | None, model) -> None:
-    """`--threads N`, or `default_threads(model)`."""
-    import torch
-
-    threads = threads if threads is not None else default_threads(model)
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -215,41 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
-
-
-def check_model_folder(path: str, option: str = "--model") -> None:
-    """A local official-layout folder, or a one-line UsageError. Never a Hub id: a path that is not a folder here is
-    an error, so nothing is ever downloaded."""
-    if not os.path.isdir(path):
-        raise UsageError(f"{option} {path}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"{option} {path}: not a model folder (no config.json)")
-    check_head_folder(path, option)
-
-
-def check_head_folder(path: str, option: str = "--bce-head") -> None:
-    if not os.path.isdir(path):
-        raise UsageError(f"{option} {path}: no such folder")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in (PT_NAME, SAFETENSORS_NAME)):
-        raise UsageError(f"{option} {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
-
-
-def load_model(path: str, device: str | None, threads: int | None = None, engine: str = "hf"):
-    """`load_engine` (an `Engine`: ReflectiveModel for "hf"), with a one-line UsageError for a missing or malformed
-    folder; then `set_threads`."""
-    check_model_folder(path)
-    # The folder is local: keep the Hub client offline, so a missing file is an error, never a download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # no "Loading weights" bars on a command's stderr
-    try:
-        model = load_engine(path, engine=engine, device=device)
-    except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--model {path}: cannot load the model: {message}") from None
-    set_threads(threads, model)
-    return model
 
 
 def run_serve(args) -> int:

@@ -211,7 +211,7 @@ def evaluate(
         )  # fmt: skip
     else:
         rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
-        from sprm_kernels.model.cli.main import set_threads
+        from sprm_kernels.model.cli.common import set_model_threads as set_threads
 
         set_threads(threads, rm)  # `threads`, else 1 for a small model (cli.default_threads)
         samples = sample_candidates(
@@ -318,7 +318,7 @@ def plot(result: dict, path: str) -> None:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `sprm eval` (also `python -m sprm_kernels.model.evaluate`)."""
-    from sprm_kernels.model.cli.main import THREADS_HELP, positive_int, positive_int_list
+    from sprm_kernels.model.cli.common import THREADS_HELP, positive_int, positive_int_list
 
     parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf (transformers) or vllm")
@@ -351,7 +351,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before the run (which takes minutes): folders, the plot's folder."""
-    from sprm_kernels.model.cli.main import UsageError, check_head_folder, check_model_folder
+    from sprm_kernels.model.cli.common import UsageError, check_head_folder, check_model_folder
 
     if args.model is not None:
         check_model_folder(args.model)
@@ -400,7 +400,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 
 
 def _run_compute_view(args: argparse.Namespace) -> int:
-    from sprm_kernels.model.cli.main import UsageError
+    from sprm_kernels.model.cli.common import UsageError
     from sprm_kernels.model.evaluation.compute_view import compute_view
     from sprm_kernels.model.evaluation.compute_view import format_table as compute_table
     from sprm_kernels.model.evaluation.compute_view import plot as compute_plot

@@ -58,7 +58,7 @@ def compute_view(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     max_think = think_budget(difficulty)
     rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
-    from sprm_kernels.model.cli.main import set_threads
+    from sprm_kernels.model.cli.common import set_model_threads as set_threads
 
     set_threads(threads, rm)  # `threads`, else 1 for a small model
     problems = task.problems("test", n, seed=seed, difficulty=difficulty)
