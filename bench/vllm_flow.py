@@ -27,7 +27,7 @@ import time
 import torch
 
 from sprm_kernels.model import ReflectiveModel, choose_best
-from sprm_kernels.model.cli.main import SHIPPED_DIR
+from sprm_kernels.model.shipped import SHIPPED_DIR
 from sprm_kernels.model.shipped.task import is_correct, parse_answer, problems
 
 

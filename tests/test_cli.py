@@ -334,7 +334,7 @@ def test_bench_runs_python_dash_m_bench_in_the_checkout_from_anywhere(tmp_path):
 
 
 def test_bench_without_a_checkout_is_a_one_line_error(capsys, monkeypatch):
-    import sprm_kernels.model.cli.main as cli
+    from sprm_kernels.model.cli import bench as cli
 
     monkeypatch.setattr(cli, "source_checkout", lambda: None)
     assert_one_line_usage_error(*run(capsys, "bench"), "bench: the benchmarks live in the source checkout")

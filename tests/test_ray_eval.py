@@ -102,10 +102,10 @@ def test_cli_report_equals_single_process_plus_workers(ray_local, capsys, tmp_pa
 )
 def test_cli_bad_ray_options_are_usage_errors(extra, message, capsys):
     """Bad options fail before any work (no Ray needed: argparse or the option checks refuse them)."""
-    from sprm_kernels.model.evaluation.best_of_k import evaluate_main
+    from sprm_kernels.model.cli.main import main
 
     try:  # argparse's own checks return 2 through cli.main; the option checks after parsing exit 2
-        status = evaluate_main(["--n", "2"] + extra)
+        status = main(["eval", "--n", "2"] + extra)
     except SystemExit as exit_:
         status = exit_.code
     assert status == 2

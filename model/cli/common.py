@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import fields
 
 from sprm_kernels.model.core.head import PT_NAME, SAFETENSORS_NAME
 from sprm_kernels.model.core.threads import THREADS_HELP, set_threads
@@ -114,3 +115,42 @@ def set_model_threads(threads: int | None, engine) -> None:
     """`--threads N`, else the default for this engine's device and size (`core.threads.default_threads`)."""
     info = engine.info()
     set_threads(threads, device=info.device, num_parameters=info.num_parameters)
+
+
+# -- options built from a params object's fields (core/params.py): one spelling, one help text, one default ----
+
+
+def add_params_options(
+    parser, params_cls, names: list[str], *, flags: dict[str, str] | None = None, use_defaults: bool = False
+) -> None:
+    """One option per field of `params_cls` (`GenerationParams`, `SearchParams`) named in `names`: the flag is the
+    field's name in kebab case (or `flags[name]`), the help, choices and minimum come from the field's metadata.
+    Defaults are None ("not given": the model folder's default, `engines.common.generation_options`) unless
+    `use_defaults`, which puts the field's own default in."""
+    by_name = {f.name: f for f in fields(params_cls)}
+    for name in names:
+        field_ = by_name[name]
+        meta = field_.metadata
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        default = field_.default if use_defaults else None
+        help_text = meta["help"] + (f" (default {field_.default})" if use_defaults else "")
+        kind = str(field_.type)
+        options = dict(dest=name, default=default, help=help_text)
+        if kind.startswith("bool"):
+            parser.add_argument(flag, action="store_true", **{**options, "default": False})
+            continue
+        if "choices" in meta:
+            options["choices"] = list(meta["choices"])
+        elif kind.startswith("int"):
+            options["type"] = {1: positive_int, 0: non_negative_int}[meta["minimum"]] if "minimum" in meta else int
+            options["metavar"] = "N"
+        elif kind.startswith("float"):
+            options["type"] = float
+            options["metavar"] = "X"
+        parser.add_argument(flag, **options)
+
+
+def params_given(args, params_cls, names: list[str] | None = None) -> dict:
+    """The fields of `params_cls` found on `args` (None: not given), as keyword arguments."""
+    return {f.name: getattr(args, f.name) for f in fields(params_cls) if hasattr(args, f.name)
+            and (names is None or f.name in names)}  # fmt: skip

@@ -14,15 +14,16 @@ right before each scored position, so it picks the finished candidate with the f
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 
+from sprm_kernels.model.core.progress import counter
+from sprm_kernels.model.core.threads import set_threads
 from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
@@ -47,7 +48,7 @@ def sample_candidates(
     Problem i is sampled with seed `seed * 1_000_003 + first_index + i`: its own, whatever else is sampled."""
     keys = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
     out = {key: [] for key in keys}
-    bar = _progress_bar(len(problems), progress)
+    update = counter(len(problems), "sprm eval: sampled problems", progress, every=max(1, len(problems) // 10))
     for i, problem in enumerate(problems):
         result = rm.generate(
             problem.prompt, k=k, temperature=temperature, top_p=1.0, seed=seed * 1_000_003 + first_index + i,
@@ -63,24 +64,8 @@ def sample_candidates(
         out["scores"].append([c.score for c in candidates])
         out["chosen_answer"].append(result.answer)
         out["best"].append(result.best)
-        if bar is not None:
-            bar.update(1)
-        elif progress and ((i + 1) % max(1, len(problems) // 10) == 0 or i + 1 == len(problems)):
-            print(f"sprm eval: sampled {i + 1}/{len(problems)} problems", file=sys.stderr, flush=True)
-    if bar is not None:
-        bar.close()
+        update()
     return out
-
-
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr when tqdm is installed (else None: sample_candidates prints a line every 10%)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="sprm eval: sampling", unit="problem", file=sys.stderr)
 
 
 def _best(scores: np.ndarray, finished: np.ndarray) -> np.ndarray:
@@ -141,7 +126,8 @@ def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None
     return {m: {k: np.array(v) for k, v in by_k.items()} for m, by_k in per_problem.items() if by_k[ks[0]]}
 
 
-def _ci95(values: np.ndarray) -> float:
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the normal 95% confidence interval of the mean (NaN for fewer than two values)."""
     return float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
@@ -161,6 +147,37 @@ def overall_gap(samples: dict, scores_list) -> float:
     return float(scores[correct].mean() - scores[~correct].mean()) if correct.any() and (~correct).any() else math.nan
 
 
+def sample_locally(
+    model_dir: str,
+    problems,
+    *,
+    engine: str,
+    k: int,
+    temperature: float,
+    seed: int,
+    max_answer_tokens: int,
+    bce_head_dir: str | None,
+    progress: bool,
+    threads: int | None = None,
+) -> tuple[dict, list | None]:
+    """`sample_candidates` on one engine loaded here (CPU, torch route), and the candidates rescored by the BCE head
+    at `bce_head_dir` when the folder exists and the engine can swap heads (None otherwise)."""
+    from sprm_kernels.model.core.head import SPRMHead
+    from sprm_kernels.model.engines.base import supports_head_swap
+    from sprm_kernels.model.engines.registry import load_engine
+
+    rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
+    info = rm.info()
+    set_threads(threads, device=info.device, num_parameters=info.num_parameters)  # else 1 for a small model
+    samples = sample_candidates(rm, problems, k=k, temperature=temperature, seed=seed,
+                                max_answer_tokens=max_answer_tokens, progress=progress)  # fmt: skip
+    bce_scores = None
+    if bce_head_dir and os.path.isdir(bce_head_dir) and supports_head_swap(rm):  # the vLLM engine has one head
+        bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
+        bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
+    return samples, bce_scores
+
+
 def evaluate(
     model_dir: str | None = None,
     n: int = 500,
@@ -173,18 +190,17 @@ def evaluate(
     temperature: float | None = None,
     difficulty: int | None = None,
     engine: str = "hf",
-    ray: str | None = None,
-    workers=None,
-    out: str | None = None,
     threads: int | None = None,
+    sampler=None,
+    num_workers: int = 1,
 ) -> dict:
     """Accuracy of every method for every k on n held-out problems (see the module docstring). model_dir: default
     the shipped model; bce_head_dir: default `model_dir/bce_head` when it exists. Deterministic for a seed.
-    ray: sample on a pool of Ray actors (`jobs.ray_eval`; "local" starts Ray on 127.0.0.1), `workers` (a
-    `jobs.cluster.Workers`) sized, rows streamed to `out` (.jsonl or .parquet): the same report, plus "workers"."""
-    from sprm_kernels.model.core.head import SPRMHead
-    from sprm_kernels.model.engines.registry import load_engine
 
+    sampler: how the candidates are drawn, `sampler(model_dir, problems, engine=, k=, temperature=, seed=,
+    max_answer_tokens=, bce_head_dir=, progress=) -> (samples, bce_scores)`; default `sample_locally` (one engine
+    here). `sprm_kernels.model.ray.eval_job.evaluate_on_ray` passes one that spreads the problems over Ray actors
+    (the same per-problem results) and its `num_workers`, which the report gives as "workers"."""
     start = time.time()
     model_dir = model_dir or SHIPPED_DIR
     settings = {}
@@ -195,40 +211,23 @@ def evaluate(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     ks = tuple(sorted(set(int(k) for k in ks)))
     k_max = ks[-1]
-    if out is not None and ray is None:
-        raise ValueError("out: rows are streamed by a Ray run only; pass ray too")
     if bce_head_dir is not None and not os.path.isdir(bce_head_dir):
         raise ValueError(f"bce_head_dir: no such folder {bce_head_dir!r}")
     problems = task.problems(split, n, seed=seed, difficulty=difficulty)
     bce_head_dir = bce_head_dir or os.path.join(model_dir, "bce_head")
-    if ray is not None:
-        from sprm_kernels.model.ray.eval_job import Workers, sample_on_ray
-
-        workers = workers or Workers()
-        samples, bce_scores = sample_on_ray(
-            model_dir, problems, engine=engine, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8,
-            bce_head_dir=bce_head_dir, address=ray, workers=workers, out=out, progress=progress,
-        )  # fmt: skip
-    else:
-        rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch")
-        from sprm_kernels.model.cli.common import set_model_threads as set_threads
-
-        set_threads(threads, rm)  # `threads`, else 1 for a small model (cli.default_threads)
-        samples = sample_candidates(
-            rm, problems, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8, progress=progress
-        )
-        bce_scores = None
-        if os.path.isdir(bce_head_dir) and hasattr(rm, "with_head"):  # the vLLM engine has one head
-            bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
-            bce_scores = [[r.value for r in bce.score(seqs)] for seqs in samples["sequences"]]
+    sampler = sampler or functools.partial(sample_locally, threads=threads)
+    samples, bce_scores = sampler(
+        model_dir, problems, engine=engine, k=k_max, temperature=temperature, seed=seed, max_answer_tokens=8,
+        bce_head_dir=bce_head_dir, progress=progress,
+    )  # fmt: skip
     per_problem = selection_metrics(samples, problems, ks, bce_scores=bce_scores, seed=seed)
     accuracy = {m: {k: float(v.mean()) for k, v in by_k.items()} for m, by_k in per_problem.items()}
-    ci = {m: {k: _ci95(v) for k, v in by_k.items()} for m, by_k in per_problem.items()}
+    ci = {m: {k: ci95(v) for k, v in by_k.items()} for m, by_k in per_problem.items()}
 
     def paired_difference(a: str, b: str) -> dict:  # a minus b, per problem: the mean and the CI of the difference
         return {
             k: {"diff": float((per_problem[a][k] - per_problem[b][k]).mean()),
-                "ci95": _ci95(per_problem[a][k] - per_problem[b][k])}
+                "ci95": ci95(per_problem[a][k] - per_problem[b][k])}
             for k in ks
         }  # fmt: skip
 
@@ -238,7 +237,7 @@ def evaluate(
     if "sprm_bce" in per_problem:
         spr_minus_bce = {
             k: {"diff": float((per_problem["sprm"][k] - per_problem["sprm_bce"][k]).mean()),
-                "ci95": _ci95(per_problem["sprm"][k] - per_problem["sprm_bce"][k])}
+                "ci95": ci95(per_problem["sprm"][k] - per_problem["sprm_bce"][k])}
             for k in ks
         }  # fmt: skip
     chosen = [task.parse_answer(a) for a in samples["chosen_answer"]]
@@ -266,7 +265,7 @@ def evaluate(
         "finished_rate": float(np.mean([f for per in samples["finished"] for f in per])),
         "answer_agreement": float(np.mean([a == b for a, b in zip(chosen, best_answers, strict=True)])),
         "seconds": time.time() - start,
-        "workers": workers.num_workers if ray is not None else 1,
+        "workers": num_workers,
     }
 
 
@@ -314,116 +313,3 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `sprm eval` (also `python -m sprm_kernels.model.evaluate`)."""
-    from sprm_kernels.model.cli.common import THREADS_HELP, positive_int, positive_int_list
-
-    parser.add_argument("--model", default=None, help="official-layout folder (default: the shipped model)")
-    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf (transformers) or vllm")
-    parser.add_argument("--n", type=positive_int, default=500, help="held-out problems (default 500)")
-    parser.add_argument(
-        "--ks", type=positive_int_list, default=list(DEFAULT_KS), help="comma-separated k values (default 1,2,4,...,32)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bce-head", default=None, help="folder of a BCE head (default: MODEL/bce_head if present)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--plot", default=None, help="write accuracy against log2 k to this PNG")
-    parser.add_argument(
-        "--search", default=None, metavar="beam,dvts",
-        help="the compute view: best-of-k and voting against these step-level searches, accuracy against decoded "
-        "thinking tokens (--ks up to 16 is plenty; --plot draws it)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--widths", type=positive_int_list, default=[1, 2, 4], help="--search: beam widths / DVTS subtrees (1,2,4)"
-    )
-    parser.add_argument("--expansions", type=positive_int, default=2, help="--search: children per beam (default 2)")
-    parser.add_argument("--difficulty", type=int, default=None, help="terms per problem (default: the model's)")
-
-    from sprm_kernels.model.ray.cluster import add_ray_arguments
-
-    add_ray_arguments(parser, out_help="with --ray: stream one row per problem to this .jsonl or .parquet file")
-
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-
-
-def check_eval_arguments(args: argparse.Namespace) -> None:
-    """Everything that can be checked before the run (which takes minutes): folders, the plot's folder."""
-    from sprm_kernels.model.cli.common import UsageError, check_head_folder, check_model_folder
-
-    if args.model is not None:
-        check_model_folder(args.model)
-    if args.bce_head is not None:
-        check_head_folder(args.bce_head, "--bce-head")
-    if args.plot is not None:
-        folder = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--plot {args.plot}: no such folder {folder}")
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"--plot {args.plot}: folder {folder} is not writable")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--plot {args.plot}: needs matplotlib (pip install matplotlib)") from None
-
-
-def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
-    from sprm_kernels.model.ray.cluster import workers_from_args
-    from sprm_kernels.model.ray.output import check_out_path
-
-    check_eval_arguments(args)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only (checked above): never a download
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for the progress below
-    if args.search:
-        return _run_compute_view(args)
-    parser = parser or argparse.ArgumentParser(prog="sprm eval")
-    workers = workers_from_args(parser, args)
-    if args.out is not None:
-        if args.ray is None:
-            parser.error("--out: only with --ray")
-        try:
-            check_out_path(args.out)
-        except ValueError as error:
-            parser.error(f"--{error}")
-    result = evaluate(
-        args.model, n=args.n, ks=args.ks, seed=args.seed, bce_head_dir=args.bce_head, progress=not args.quiet,
-        threads=args.threads, engine=args.engine, ray=args.ray, workers=workers, out=args.out,
-    )  # fmt: skip
-    if args.plot:
-        plot(result, args.plot)
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
-    return 0
-
-
-def _run_compute_view(args: argparse.Namespace) -> int:
-    from sprm_kernels.model.cli.common import UsageError
-    from sprm_kernels.model.evaluation.compute_view import compute_view
-    from sprm_kernels.model.evaluation.compute_view import format_table as compute_table
-    from sprm_kernels.model.evaluation.compute_view import plot as compute_plot
-
-    methods = tuple(m.strip() for m in args.search.split(","))
-    if not methods or any(m not in ("beam", "dvts") for m in methods):
-        raise UsageError(f"--search: expected beam, dvts or beam,dvts, got {args.search!r}")
-    result = compute_view(
-        args.model, n=args.n, ks=args.ks, widths=args.widths, expansions=args.expansions, search_methods=methods,
-        seed=args.seed, difficulty=args.difficulty, progress=not args.quiet, threads=args.threads,
-    )  # fmt: skip
-    if args.plot:
-        compute_plot([result], args.plot)
-    print(json.dumps(result, indent=1) if args.json else compute_table(result))
-    return 0
-
-
-def evaluate_main(argv=None) -> int:
-    """`python -m sprm_kernels.model.evaluate [--model DIR] [--n N] [--json] [--plot FILE.png]` (= `sprm eval`)."""
-    from sprm_kernels.model.cli.main import main
-
-    return main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(evaluate_main())

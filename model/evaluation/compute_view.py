@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from sprm_kernels.model.evaluation.best_of_k import _ci95, sample_candidates, selection_metrics
+from sprm_kernels.model.core.threads import set_threads
+from sprm_kernels.model.evaluation.best_of_k import ci95, sample_candidates, selection_metrics
 from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
 VOTE_METHODS = ("sprm", "majority", "sprm_vote")  # best-of-k family drawn from the same samples
@@ -58,9 +59,8 @@ def compute_view(
     difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
     max_think = think_budget(difficulty)
     rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
-    from sprm_kernels.model.cli.common import set_model_threads as set_threads
-
-    set_threads(threads, rm)  # `threads`, else 1 for a small model
+    info = rm.info()
+    set_threads(threads, device=info.device, num_parameters=info.num_parameters)  # else 1 for a small model
     problems = task.problems("test", n, seed=seed, difficulty=difficulty)
     start = time.perf_counter()
     samples = sample_candidates(rm, problems, k=max(ks), temperature=temperature, seed=seed,
@@ -72,7 +72,7 @@ def compute_view(
     for method in VOTE_METHODS:
         for k in ks:
             values = per_problem[method][k]
-            rows.append({"method": method, "budget": f"k={k}", "accuracy": float(values.mean()), "ci95": _ci95(values),
+            rows.append({"method": method, "budget": f"k={k}", "accuracy": float(values.mean()), "ci95": ci95(values),
                          "tokens": float(k * np.mean(think_lengths))})  # fmt: skip
     sampling_seconds = time.perf_counter() - start
     overhead = {}
@@ -94,7 +94,7 @@ def compute_view(
                 tokens.append(result.stats.think_generated_tokens)
             values = np.array(correct)
             rows.append({"method": method, "budget": f"B={width},E={expansions}", "accuracy": float(values.mean()),
-                         "ci95": _ci95(values), "tokens": float(np.mean(tokens))})  # fmt: skip
+                         "ci95": ci95(values), "tokens": float(np.mean(tokens))})  # fmt: skip
             if progress:
                 print(
                     f"  {method} B={width}: accuracy {values.mean():.3f}, {np.mean(tokens):.0f} tokens", file=sys.stderr

@@ -27,11 +27,12 @@ class EvalWorker:
     def __init__(self, model_dir, engine, device, threads, k, temperature, seed, max_answer_tokens, bce_head_dir):
         set_torch_threads(threads)
         from sprm_kernels.model.core.head import SPRMHead
+        from sprm_kernels.model.engines.base import supports_head_swap
         from sprm_kernels.model.engines.registry import load_engine
 
         self.rm = load_engine(model_dir, engine=engine, device=device, backend="torch")
         self.bce = None
-        if bce_head_dir and os.path.isdir(bce_head_dir) and hasattr(self.rm, "with_head"):
+        if bce_head_dir and os.path.isdir(bce_head_dir) and supports_head_swap(self.rm):
             self.bce = self.rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
         self.options = dict(k=k, temperature=temperature, seed=seed, max_answer_tokens=max_answer_tokens)
 
@@ -113,7 +114,15 @@ def evaluate_on_ray(
 ) -> dict:
     """`evaluate.evaluate` (same arguments, same report plus "workers") with the sampling on Ray. address: None
     starts a private Ray on 127.0.0.1; "auto" or "HOST:PORT" joins a cluster."""
+    workers = Workers(num_workers, cpus_per_worker, gpus_per_worker)
+    return evaluate_with_workers(model_dir, address=address, workers=workers, out=out, **evaluate_kwargs)
+
+
+def evaluate_with_workers(model_dir, *, address: str | None, workers: Workers, out: str | None, **evaluate_kwargs):
+    """`evaluate` with `sample_on_ray` (on `workers`, rows streamed to `out`) as its sampler."""
+    import functools
+
     from sprm_kernels.model.evaluation.best_of_k import evaluate
 
-    workers = Workers(num_workers, cpus_per_worker, gpus_per_worker)
-    return evaluate(model_dir, ray=address or "local", workers=workers, out=out, **evaluate_kwargs)
+    sampler = functools.partial(sample_on_ray, address=address or "local", workers=workers, out=out)
+    return evaluate(model_dir, sampler=sampler, num_workers=workers.num_workers, **evaluate_kwargs)
