@@ -1,25 +1,45 @@
-# Targets assume the project's venv is active (see README: Quick start).
-.PHONY: install check format test test-gpu aot bench bench-plot
+# `make demo` and `make test` create and install .venv the first time (then reuse it); every other target uses it too.
+# TORCH: the torch to pin first (the CPU build of 2.13.0 here; on a GPU machine e.g. `make demo TORCH=torch`).
+.PHONY: demo test check format test-gpu aot bench bench-plot layers clean-venv
 
-install:
-	python -m pip install torch==2.13.0 && python -m pip install -e ".[dev,serve]"
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
 
-check:  ## lint and format check (ruff, line length 120)
-	ruff check .
-	ruff format --check .
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,serve]"
+	touch $(STAMP)
 
-format:
-	ruff check --fix .
-	ruff format .
+demo: $(STAMP)  ## the main job: best-of-k reflective generation on the shipped model (seeded: the README's output)
+	$(VENV)/bin/sprm generate "4+8+1+6+9+3=?" --k 8 --seed 0
 
-test:  ## the test suite; on a machine without CUDA the kernels run under the Triton interpreter
-	python -m pytest -q
+test: $(STAMP)  ## the test suite; on a machine without CUDA the kernels run under the Triton interpreter
+	$(PY) -m pytest -q
 
-aot:  ## compile every kernel configuration for sm_80 and sm_90 and report registers / spills
-	env -u TRITON_INTERPRET python -m sprm_kernels.aot --arch 80 90
+check: $(STAMP)  ## lint, format check (ruff, line length 120) and the layer rules of model/ (CONTRIBUTING)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py
 
-bench:  ## quick benchmarks (kernels and pipeline)
-	python -m bench
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
-bench-plot:
-	python -m bench.plot
+test-gpu: $(STAMP)  ## only the tests that need CUDA
+	$(PY) -m pytest -q -m cuda
+
+aot: $(STAMP)  ## compile every kernel configuration for sm_80 and sm_90 and report registers / spills
+	env -u TRITON_INTERPRET $(PY) -m sprm_kernels.aot --arch 80 90
+
+bench: $(STAMP)  ## quick benchmarks (kernels and pipeline)
+	$(PY) -m bench
+
+bench-plot: $(STAMP)
+	$(PY) -m bench.plot
+
+clean-venv:
+	rm -rf $(VENV)

@@ -112,7 +112,7 @@ def serve_single(texts, concurrency) -> dict:
 
 
 def serve_ray(texts, concurrency, replicas: int, port: int) -> dict:
-    from sprm_kernels.model.serving import ray_serve
+    from sprm_kernels.model.ray import serve as ray_serve
 
     url = ray_serve.deploy(SHIPPED, port=port, options=ray_serve.ReplicaOptions(replicas=replicas))
     try:

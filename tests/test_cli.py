@@ -341,7 +341,7 @@ def test_bench_without_a_checkout_is_a_one_line_error(capsys, monkeypatch):
 
 
 def test_rollout_collection_shows_progress_on_stderr_unless_quiet(capsys, tmp_path, model_dir):
-    from sprm_kernels.model.training import fit as train
+    from sprm_kernels.model.cli import train
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{a}+1=", "reference": str(a + 1)}) + "\n" for a in range(3)))

@@ -1,4 +1,5 @@
-"""The head trainer (sprm_kernels.model.training.fit) and the generate hooks it needs (return_features, answer_all).
+"""The head trainer (sprm_kernels.model.training: rollouts, collect, verifiers, metrics, fit; `sprm train`) and the
+generate hooks it needs (return_features, answer_all).
 
 Rollouts of a tiny random policy check the plumbing: the features are the decoding's own layer L-2 rows at the
 final scored positions (no second forward), every candidate's answer comes from its own KV cache, the rollout file
@@ -9,6 +10,7 @@ Everything runs on one thread (tiny matrices: a busy 2-core machine makes more t
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,16 +21,13 @@ import torch
 
 from sprm_kernels import sprm_score
 from sprm_kernels.model import ReflectiveModel, SPRMHead
-from sprm_kernels.model.shipped import tiny
-from sprm_kernels.model.training import fit as train_module
-from sprm_kernels.model.training.fit import (
-    RolloutSet,
-    collect,
-    evaluate,
-    last_number_verifier,
-    roc_auc,
-    train_head,
-)
+from sprm_kernels.model.cli import train as train_cli
+from sprm_kernels.model.shipped import SHIPPED_DIR, tiny
+from sprm_kernels.model.training.collect import collect
+from sprm_kernels.model.training.fit import train_head
+from sprm_kernels.model.training.metrics import evaluate, roc_auc
+from sprm_kernels.model.training.rollouts import RolloutSet
+from sprm_kernels.model.training.verifiers import last_number_verifier
 
 HIDDEN = 32  # the tiny policy's
 PROMPTS = ["1+2=3.\n\n4+5=", "2+2=", "7.\n\n1+1=", "3+4="]  # steps inside prompts: scored once a row reopens <think>
@@ -389,14 +388,14 @@ def test_command_line_collect_then_fit(tmp_path, capsys):
     verifier = tmp_path / "verify.py"
     verifier.write_text("def verify(prompt, text):\n    return text.count('1') >= 2\n")
     rollouts_dir, out = tmp_path / "rollouts", tmp_path / "head"
-    assert train_module.main([
+    assert train_cli.main([
         "collect", "--model", model_dir, "--prompts", str(prompts), "--out", str(rollouts_dir), "--k", "4",
         "--verifier", f"{verifier}:verify", "--label-from", "thinking", "--max-think-tokens", "16",
         "--temperature", "1.0", "--device", "cpu", "--backend", "torch",
     ]) == 0  # fmt: skip
     rollouts = RolloutSet.load(rollouts_dir)
     assert rollouts.num_rollouts == 24 and rollouts.info["model"] == model_dir and rollouts.hidden_size == HIDDEN
-    assert train_module.main([
+    assert train_cli.main([
         "fit", "--rollouts", str(rollouts_dir), "--out", str(out), "--steps", "4", "--batch-problems", "2",
         "--eval-split", "0.34", "--init", model_dir, "--backend", "torch",
     ]) == 0  # fmt: skip
@@ -404,6 +403,61 @@ def test_command_line_collect_then_fit(tmp_path, capsys):
     assert json.loads((out / "sprm_train.json").read_text())["backbone"] == model_dir
     assert SPRMHead.from_pretrained(out).hidden_size == HIDDEN
     assert "head ->" in capsys.readouterr().out
+
+
+def test_train_is_a_subcommand_with_add_parser_and_run(collected, tmp_path, capsys):
+    """The interface the `sprm` command table uses: `add_parser(subparsers)` makes `train`, `run(args)` runs it."""
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
+    collected.save(tmp_path / "rollouts")
+    args = parser.parse_args(["train", "fit", "--rollouts", str(tmp_path / "rollouts"), "--out", str(tmp_path / "head"),
+                              "--steps", "2", "--batch-problems", "2", "--backend", "torch", "--quiet"])  # fmt: skip
+    assert (args.command, args.train_command) == ("train", "fit")
+    assert train_cli.run(args) == 0
+    assert SPRMHead.from_pretrained(tmp_path / "head").hidden_size == HIDDEN and "head ->" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["collect", "--model", "no/such/folder", "--prompts", "p.jsonl", "--out", "o"], ["--model no/such/folder"]),
+        (["collect", "--model", SHIPPED_DIR, "--prompts", "p.jsonl", "--out", "o", "--k", "0"], ["--k", "'0'"]),
+        (["collect", "--model", SHIPPED_DIR, "--prompts", "no-such.jsonl", "--out", "o"], ["--prompts no-such.jsonl"]),
+        (
+            ["collect", "--model", SHIPPED_DIR, "--prompts", "PROMPTS", "--out", "o", "--rows", "r.jsonl"],
+            ["--rows: only with --ray"],
+        ),
+        (
+            ["collect", "--model", SHIPPED_DIR, "--prompts", "PROMPTS", "--out", "o", "--verifier", "nowhere:f"],
+            ["--verifier nowhere:f"],
+        ),
+        (["collect", "--model", SHIPPED_DIR, "--prompts", "PROMPTS", "--out", "o", "--top-p", "2"], ["--top-p:"]),
+        (
+            ["collect", "--model", SHIPPED_DIR, "--prompts", "PROMPTS", "--out", "o", "--temperature", "-1"],
+            ["--temperature:"],
+        ),
+        (["fit", "--rollouts", "no-rollouts", "--out", "o"], ["--rollouts no-rollouts: not a rollouts folder"]),
+        (["fit", "--rollouts", "ROLLOUTS", "--out", "o", "--lr", "-1"], ["--lr: expected a number in [0, inf)"]),
+        (["fit", "--rollouts", "ROLLOUTS", "--out", "o", "--steps", "0"], ["--steps", "'0'"]),
+        (["fit", "--rollouts", "ROLLOUTS", "--out", "o", "--mode", "listwise"], ["--mode", "listwise"]),
+        (["fit", "--rollouts", "ROLLOUTS", "--out", "o", "--init", "no-head"], ["--init no-head: no such folder"]),
+        (["sample"], ["sample"]),
+    ],
+)
+def test_command_line_usage_errors_are_one_line_exit_2(argv, names, collected, tmp_path, capsys, monkeypatch):
+    """Bad options, folders and values: one line on stderr, exit status 2, before any model is loaded."""
+    monkeypatch.setattr(ReflectiveModel, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    prompts, rollouts = tmp_path / "prompts.jsonl", tmp_path / "rollouts"
+    prompts.write_text(json.dumps({"prompt": "1+1=", "reference": "2"}) + "\n")
+    collected.save(rollouts)
+    argv = [{"PROMPTS": str(prompts), "ROLLOUTS": str(rollouts)}.get(arg, arg) for arg in argv]
+    monkeypatch.chdir(tmp_path)
+    status = train_cli.main(argv)
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "", (status, out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("sprm") and "Traceback" not in err, err
+    for name in names:
+        assert name in err, err
 
 
 # -- bad inputs -----------------------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ from __future__ import annotations
 import sys
 
 from sprm_kernels import __version__
-from sprm_kernels.model.cli import bench, generate, score, serve
+from sprm_kernels.model.cli import bench, generate, score, serve, train
 from sprm_kernels.model.cli import eval as evaluate
 from sprm_kernels.model.cli.common import PROG, USAGE_ERROR, Parser, UsageError
 
-SUBCOMMANDS = (generate, score, serve, evaluate, bench)  # each: add_parser(subparsers), run(args)
+SUBCOMMANDS = (generate, score, serve, evaluate, train, bench)  # each: add_parser(subparsers), run(args)
 
 
 def build_parser() -> Parser:

@@ -80,7 +80,7 @@ def run(args) -> int:
 
 
 def run_on_ray(args) -> int:
-    """`sprm serve --ray`: the same app as N Ray Serve replicas (serving/ray_serve.py)."""
+    """`sprm serve --ray`: the same app as N Ray Serve replicas (ray/serve.py)."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:

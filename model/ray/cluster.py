@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sprm_kernels.model.core.threads import set_threads
+
 LOCAL = "local"
 
 
@@ -100,11 +102,10 @@ def keep_replica_on_loopback() -> None:
 
 def set_torch_threads(threads: int) -> None:
     """In a worker: intra-op threads = its CPUs (1 by default), so that N workers on N cores do not oversubscribe."""
-    import torch
     from transformers.utils import logging as transformers_logging
 
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    set_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # and what the worker's own children inherit
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar per actor in the driver's output
 
 

@@ -1,9 +1,8 @@
-"""`python -m sprm_kernels.model.train collect --ray`: rollouts for training a head, collected by a pool of Ray
-actors, one engine each.
+"""`sprm train collect --ray`: rollouts for training a head, collected by a pool of Ray actors, one engine each.
 
-Each actor runs `train.collect` on one prompt at a time with that prompt's own seed (`seed + prompt index`, as the
-single-process run), so the merged `RolloutSet` (features, labels, token ids, texts, answers) is the one `collect`
-returns in one process, whatever the number of workers; prompts stay in their order. A part travels as
+Each actor runs `training.collect.collect` on one prompt at a time with that prompt's own seed (`seed + prompt
+index`, as the single-process run), so the merged `RolloutSet` (features, labels, token ids, texts, answers) is the
+one `collect` returns in one process, whatever the number of workers; prompts stay in their order. A part travels as
 safetensors bytes (the features keep their dtype) plus JSON. `rows` streams a per-prompt summary (.jsonl or
 .parquet) as parts arrive.
 
@@ -20,8 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from sprm_kernels.model.ray.cluster import Workers, check_model_dir, set_torch_threads
-
-LIST_FIELDS = ("prompts", "prompt_token_ids", "texts", "answers")
+from sprm_kernels.model.training.collect import collect
+from sprm_kernels.model.training.rollouts import LIST_FIELDS, RolloutSet, csr
 
 
 class CollectWorker:
@@ -37,8 +36,6 @@ class CollectWorker:
     def __call__(self, batch: dict) -> dict:
         from safetensors.torch import save
 
-        from sprm_kernels.model.training.fit import collect
-
         ids, tensors, lists = [], [], []
         for prompt_id, prompt in zip(batch["id"], batch["prompt"], strict=True):
             prompt = json.loads(prompt)
@@ -52,7 +49,6 @@ class CollectWorker:
 
 def merge(parts: list, seed: int):
     """One `RolloutSet` from one-prompt sets in prompt order: what `collect` builds over all the prompts."""
-    from sprm_kernels.model.training.fit import RolloutSet, _csr
 
     def cat(name):
         return torch.cat([getattr(part, name) for part in parts])
@@ -62,9 +58,9 @@ def merge(parts: list, seed: int):
     problem_id = torch.cat([torch.full_like(part.problem_id, index) for index, part in enumerate(parts)])
     lists = {name: [item for part in parts for item in getattr(part, name)] for name in LIST_FIELDS}
     return RolloutSet(
-        features=cat("features"), offsets=_csr(counts), step_positions=cat("step_positions"),
+        features=cat("features"), offsets=csr(counts), step_positions=cat("step_positions"),
         correct=cat("correct"), finished=cat("finished"), valid=cat("valid"), problem_id=problem_id,
-        token_ids=cat("token_ids"), token_offsets=_csr(token_counts), **lists, info=dict(parts[0].info, seed=seed),
+        token_ids=cat("token_ids"), token_offsets=csr(token_counts), **lists, info=dict(parts[0].info, seed=seed),
     )  # fmt: skip
 
 
@@ -87,7 +83,7 @@ def collect_on_ray(
     on_row=None,
     **collect_kwargs,
 ):
-    """`train.collect(load_engine(model_dir, engine=engine, **engine_kwargs), prompts, verifier, k, seed=seed,
+    """`collect(load_engine(model_dir, engine=engine, **engine_kwargs), prompts, verifier, k, seed=seed,
     **collect_kwargs)` on a pool of Ray actors (`workers`, else num_workers / cpus / gpus per worker). The verifier
     travels to the actors (cloudpickle): a module function must be importable there. `rows`: a .jsonl / .parquet
     file of per-prompt summaries, streamed."""
@@ -95,7 +91,6 @@ def collect_on_ray(
 
     from sprm_kernels.model.ray import pool
     from sprm_kernels.model.ray.output import RowWriter
-    from sprm_kernels.model.training.fit import RolloutSet
 
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts: expected a non-empty list of prompts, got {prompts!r:.80}")

@@ -9,9 +9,9 @@ writes by problem id (see `output.RowWriter`), so a problem is never lost nor wr
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 
+from sprm_kernels.model.core.progress import counter
 from sprm_kernels.model.ray.cluster import Workers
 
 
@@ -34,25 +34,5 @@ def run(items: list[dict], worker_cls: type, kwargs: dict, workers: Workers, *, 
 
 
 def progress(total: int, description: str, enabled: bool) -> Callable[[], None]:
-    """A tqdm bar on stderr (a count line every 25 problems without tqdm); returns the per-problem update."""
-    if not enabled:
-        return lambda: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        done = [0]
-
-        def count():
-            done[0] += 1
-            if done[0] % 25 == 0 or done[0] == total:
-                print(f"{description}: {done[0]}/{total}", file=sys.stderr, flush=True)
-
-        return count
-    bar = tqdm(total=total, desc=description)
-
-    def update():
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-
-    return update
+    """The per-problem update of a bar on stderr (a count line every 25 problems without tqdm)."""
+    return counter(total, description, enabled, every=25)

@@ -1,4 +1,4 @@
-"""`sprm serve --ray --replicas N`: the server's own FastAPI app (`server.create_app`: the same routes, contract,
+"""`sprm serve --ray --replicas N`: the server's own FastAPI app (`serving.app.create_app`: the same routes, contract,
 errors, bearer auth and limits) in each of N Ray Serve replicas, behind Serve's HTTP proxy on --host / --port.
 
 Each replica loads its engine (`load_engine(model, engine=...)`) and builds the app around it, so it batches the

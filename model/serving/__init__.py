@@ -1,1 +1,3 @@
-"""Serving on Ray Serve (`ray_serve`): the server's FastAPI app as replicas. Importing this package imports no Ray."""
+"""The HTTP server (`app.create_app`, `app.serve`): scoring, batching and reflective generation over one engine.
+Importing this package imports nothing heavy (no FastAPI, no Ray); `model/ray/serve.py` runs the same app as Ray
+Serve replicas."""
