@@ -49,7 +49,8 @@ import torch
 
 from sprm_kernels.dispatch import interpreter_enabled
 from sprm_kernels.model import ReflectiveModel
-from sprm_kernels.model.engines.hf import engine as reflective_module
+from sprm_kernels.model.engines.hf import scoring as reflective_scoring
+from sprm_kernels.model.engines.hf import thinking as reflective_thinking
 from sprm_kernels.model.shipped import tiny
 
 from . import common
@@ -185,9 +186,9 @@ class Run:
 @contextlib.contextmanager
 def scoring_timers(totals: dict[str, float]):
     """Times our in-decode scoring: `StepScorer.update` (the head on the k new rows) and the span bookkeeping of
-    docs/method.md §3 (`_ThinkSpan.contains` / `observe`), by swapping timed subclasses into `model.reflective` for
-    the block."""
-    originals = {name: getattr(reflective_module, name) for name in ("StepScorer", "_ThinkSpan")}
+    docs/method.md §3 (`ThinkSpan.contains` / `observe`), by swapping timed subclasses into the HF engine's
+    thinking loop (`engines.hf.thinking`) for the block."""
+    originals = {name: getattr(reflective_thinking, name) for name in ("StepScorer", "ThinkSpan")}
 
     def timed(cls, methods, key):
         def wrap(name):
@@ -205,12 +206,12 @@ def scoring_timers(totals: dict[str, float]):
         return type(f"Timed{cls.__name__}", (cls,), {name: wrap(name) for name in methods})
 
     try:
-        reflective_module.StepScorer = timed(originals["StepScorer"], ["update"], "head")
-        reflective_module._ThinkSpan = timed(originals["_ThinkSpan"], ["contains", "observe"], "span")
+        reflective_thinking.StepScorer = timed(originals["StepScorer"], ["update"], "head")
+        reflective_thinking.ThinkSpan = timed(originals["ThinkSpan"], ["contains", "observe"], "span")
         yield totals
     finally:
         for name, value in originals.items():
-            setattr(reflective_module, name, value)
+            setattr(reflective_thinking, name, value)
 
 
 def run_reflective(setup: Setup, prompt: str, k: int, seed: int) -> tuple[Run, object]:
@@ -341,7 +342,7 @@ class ScoreBatchResult:
 
 def padded_tokens(lengths: list[int], budget: int = 16384) -> int:
     """Tokens through the model when `score` right-pads its length-sorted batches (`batch_tokens` default)."""
-    batches = reflective_module._length_batches(lengths, budget, packed=False)
+    batches = reflective_scoring.length_batches(lengths, budget, packed=False)
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 
 

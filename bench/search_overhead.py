@@ -24,9 +24,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from sprm_kernels.model import load_engine
-    from sprm_kernels.model.cli.main import SHIPPED_DIR
     from sprm_kernels.model.evaluation.compute_view import think_budget
-    from sprm_kernels.model.shipped import task
+    from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
     rm = load_engine(SHIPPED_DIR, device="cpu", backend="torch")
     spent = [0.0]

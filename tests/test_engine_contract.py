@@ -6,7 +6,16 @@ import math
 
 import pytest
 
-from sprm_kernels.model import Engine, EngineInfo, GenerationParams, choose_best, load_engine
+from sprm_kernels.model import (
+    Engine,
+    EngineInfo,
+    GenerationParams,
+    choose_best,
+    load_engine,
+    supports_head_swap,
+    supports_prompt_lists,
+    supports_search,
+)
 from sprm_kernels.model.shipped import SHIPPED_DIR
 
 ENGINE_PARAMS = [
@@ -33,6 +42,15 @@ def test_engine_satisfies_the_protocol_and_describes_itself(engine):
     assert isinstance(info, EngineInfo)
     assert info.engine in ("hf", "vllm") and info.model_name == "shipped"
     assert info.hidden_size > 0 and info.num_layers >= 2 and info.context_length > 0
+
+
+def test_capabilities_are_what_each_engine_declares(engine):
+    """engines.base Protocols: the HF engine searches and swaps heads; vLLM batches prompt lists and has no search."""
+    if engine.info().engine == "hf":
+        assert supports_search(engine) and supports_head_swap(engine) and not supports_prompt_lists(engine)
+    else:
+        assert supports_prompt_lists(engine) and not supports_search(engine)
+        assert not supports_search(type(engine))  # the class lacks it, not just this instance
 
 
 def test_encode_is_what_score_scores(engine):

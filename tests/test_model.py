@@ -14,8 +14,8 @@ from torch import nn
 
 from sprm_kernels import sprm_score_reference, step_positions_reference
 from sprm_kernels.model import ReflectiveModel, SPRMHead, choose_best, sample_tokens
-from sprm_kernels.model.engines.hf import engine as reflective_module
-from sprm_kernels.model.engines.hf.engine import _masks_packed_sequences
+from sprm_kernels.model.engines.hf import decode as reflective_module
+from sprm_kernels.model.engines.hf.compat import masks_packed_sequences
 from sprm_kernels.model.shipped import tiny
 
 HIDDEN = 32
@@ -118,7 +118,7 @@ def test_score_matches_eager_reference(reflective, tokenizer):
 def test_score_batches_packed_and_padded_agree(reflective, tokenizer):
     one_batch = reflective.score(TEXTS, return_all_scores=True, backend="torch")
     for packed in (False, True):
-        if packed and not _masks_packed_sequences():  # transformers < 4.53 without flash-attention
+        if packed and not masks_packed_sequences():  # transformers < 4.53 without flash-attention
             with pytest.raises(ValueError, match="packed: expected False"):
                 reflective.score(TEXTS, packed=True)
             continue
@@ -419,10 +419,10 @@ def test_bad_score_inputs_and_options_are_rejected(reflective):
 
 
 def test_length_batches_bound_the_budget_and_the_padding():
-    from sprm_kernels.model.engines.hf.engine import _length_batches
+    from sprm_kernels.model.engines.hf.scoring import length_batches
 
     lengths = [100, 95, 50, 48, 10, 0]  # the empty sequence gets no batch
-    assert _length_batches(lengths, budget=10_000, packed=False) == [[0, 1], [2, 3], [4]]  # padding <= 10%
-    assert _length_batches(lengths, budget=10_000, packed=True) == [[0, 1, 2, 3, 4]]
-    assert _length_batches(lengths, budget=150, packed=True) == [[0], [1, 2], [3, 4]]
-    assert _length_batches([300, 20], budget=100, packed=False) == [[0], [1]]  # over the budget: alone
+    assert length_batches(lengths, budget=10_000, packed=False) == [[0, 1], [2, 3], [4]]  # padding <= 10%
+    assert length_batches(lengths, budget=10_000, packed=True) == [[0, 1, 2, 3, 4]]
+    assert length_batches(lengths, budget=150, packed=True) == [[0], [1, 2], [3, 4]]
+    assert length_batches([300, 20], budget=100, packed=False) == [[0], [1]]  # over the budget: alone

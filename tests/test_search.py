@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sprm_kernels.model import ReflectiveModel, load_engine
-from sprm_kernels.model.engines.hf.search import SearchParams, _Rows, _Search
+from sprm_kernels.model.engines.hf.search import SearchParams, SearchRows, StepSearch
 from sprm_kernels.model.shipped import SHIPPED_DIR, tiny
 
 PROMPT = "4+8+1+6+9+3=?"
@@ -124,11 +124,11 @@ def test_budget_exhaustion_gives_unfinished_candidates_and_an_answer(rm):
 
 
 def test_survivors_rank_by_score_nan_last_ties_lowest(rm):
-    rows = _Rows(rm, [1, 2, 3], 5, 4, cache=None, logits=torch.zeros(5, 3), hidden=torch.zeros(5, 2))
+    rows = SearchRows(rm, [1, 2, 3], 5, 4, cache=None, logits=torch.zeros(5, 3), hidden=torch.zeros(5, 2))
     rows.count[:] = 1
     rows.sum_log[:] = torch.tensor([0.5, 0.9, float("nan"), 0.9, 0.1]).log()
     rows.subtree = torch.tensor([0, 0, 1, 1, 1])
-    search = _Search.__new__(_Search)
+    search = StepSearch.__new__(StepSearch)
     search.rm = rm
     search.shape = SearchParams(method="beam", beam_width=3)
     assert search.survivors(rows, torch.arange(5)).tolist() == [1, 3, 0]

@@ -153,3 +153,39 @@ def test_bad_input_is_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         step_positions(args.pop("input_ids"), **args)
+
+
+# -- the engines' shared rule (sprm_kernels.model.core.steps): offline lists, streaming, prompt positions ---------
+
+
+def test_engine_rule_streamed_token_by_token_equals_the_offline_rule():
+    """`ThinkSpan` fed one token at a time plus rules 1-3 (`could_score`) give `scored_positions` on the final ids,
+    which is the reference rule; `prompt_step_positions` is rules 1-3 on a prompt."""
+    from sprm_kernels.model.core.steps import (
+        ThinkSpan,
+        could_score,
+        is_scorable_pair,
+        prompt_step_positions,
+        scored_positions,
+    )
+
+    rows = random_token_rows(8, 40, seed=5).tolist() + [case for case, _ in HAND_CASES]
+    offline = scored_positions(rows, **RULE, backend="torch")
+    for row, expected in zip(rows, offline, strict=True):
+        reference, _ = step_positions_reference(torch.tensor([row]), **RULE)
+        assert expected == reference.tolist()
+        span = ThinkSpan(row[:1], 1, OPEN, CLOSE, "cpu")
+        for t in range(1, len(row)):
+            span.observe(torch.tensor([row[t]]), t, torch.tensor([True]))
+        step_ids, one = torch.tensor([STEP]), torch.tensor([True])
+        streamed = [
+            t
+            for t in range(len(row) - 1)
+            if bool(could_score(torch.tensor([row[t + 1]]), torch.tensor([row[t]]), one, step_ids, OPEN))
+            and bool(span.contains(t))
+        ]
+        assert streamed == expected
+        rules_1_to_3 = [t for t in range(1, len(row) - 1) if is_scorable_pair(row[t], row[t + 1], {STEP}, OPEN)]
+        assert prompt_step_positions(row, [STEP], OPEN) == rules_1_to_3
+        assert set(expected) <= set(rules_1_to_3)
+    assert scored_positions([], **RULE) == []

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from sprm_kernels.model import GenerationParams, ReflectiveModel, choose_best  # noqa: E402
+from sprm_kernels.model.engines.base import supports_prompt_lists, supports_search  # noqa: E402
 from sprm_kernels.model.shipped import SHIPPED_DIR  # noqa: E402
 from sprm_kernels.model.shipped.task import problems  # noqa: E402
 from sprm_kernels.model.shipped.tiny import make_tiny_head, save_tiny_reflective  # noqa: E402
@@ -206,7 +207,7 @@ def test_bad_prompts_and_score_inputs_give_the_hf_engine_errors(engines):
 def test_info_describes_the_vllm_engine(engines, tiny_path):
     vllm_engine, hf = engines
     info, hf_info = vllm_engine.info(), hf.info()
-    assert info.engine == "vllm" and info.supports_prompt_lists and info.supports_features
+    assert info.engine == "vllm" and supports_prompt_lists(vllm_engine) and not supports_search(vllm_engine)
     assert (info.hidden_size, info.num_layers, info.dtype) == (hf_info.hidden_size, hf_info.num_layers, "float32")
     assert info.context_length == 256 and info.path == tiny_path
 
@@ -228,7 +229,7 @@ def test_shipped_model_many_prompts_match_the_hf_engine(vllm_shipped):
 
 def test_train_collect_takes_the_vllm_engine(engines):
     """`train collect --engine vllm`: rollouts with the layer L-2 rows of every scored step."""
-    from sprm_kernels.model.training.fit import collect
+    from sprm_kernels.model.training.collect import collect
 
     vllm_engine, hf = engines
     rollouts = collect(

@@ -20,6 +20,46 @@ def option(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+def check_fields(params) -> None:
+    """Every field of a params object against its type and metadata (choices, minimum, exclusive_minimum,
+    maximum): one rule for all, a ValueError naming the field. Bools are never ints nor floats here."""
+    for field_ in fields(params):
+        name, value, meta, kind = field_.name, getattr(params, field_.name), field_.metadata, str(field_.type)
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected a bool, got {value!r}")
+        elif "choices" in meta:
+            if value not in meta["choices"]:
+                raise ValueError(f"{name}: expected one of {list(meta['choices'])}, got {value!r}")
+        elif kind.startswith("int"):
+            if "minimum" in meta:
+                check_int(name, value, minimum=meta["minimum"])
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}: expected an int{' or None' if 'None' in kind else ''}, got {value!r}")
+        elif kind.startswith("float"):
+            check_float(name, value, meta)
+
+
+def check_float(name: str, value, meta) -> None:
+    low, low_open, high = meta.get("minimum"), meta.get("exclusive_minimum"), meta.get("maximum")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (
+        not number
+        or not math.isfinite(value)
+        or (low is not None and value < low)
+        or (low_open is not None and value <= low_open)
+        or (high is not None and value > high)
+    ):
+        if low_open is not None and high is not None:
+            wanted = f"in ({low_open}, {high}]"
+        else:
+            wanted = " ".join(part for part in (f">= {low}" if low is not None else "", "(0 is greedy)"
+                                                if name.endswith("temperature") else "") if part)  # fmt: skip
+        raise ValueError(f"{name}: expected a finite float {wanted}, got {value!r}".replace("  ", " "))
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """The options of one best-of-k generation. A field left out of a call takes the model folder's default
@@ -34,31 +74,18 @@ class GenerationParams:
         1024, "answer budget (default 1024, or 1/8 of the context)", minimum=0, model_default=True
     )
     temperature: float = option(0.6, "sampling temperature, 0 is greedy (default: the model's, else 0.6)",
-                                model_default=True)  # fmt: skip
-    top_p: float = option(0.95, "nucleus sampling (default: the model's, else 0.95)", model_default=True)
-    answer_temperature: float | None = option(None, "temperature of the answer (default: --temperature)")
+                                minimum=0, model_default=True)  # fmt: skip
+    top_p: float = option(
+        0.95, "nucleus sampling (default: the model's, else 0.95)", exclusive_minimum=0, maximum=1, model_default=True
+    )
+    answer_temperature: float | None = option(None, "temperature of the answer (default: --temperature)", minimum=0)
     seed: int | None = option(None, "sampling seed (default: none, so two runs differ: not reproducible)")
     return_features: bool = option(False, "keep the layer L-2 rows of every scored step (for training the head)")
     answer_all: bool = option(False, "also answer after every losing candidate")
 
     def __post_init__(self):
+        check_fields(self)
         resolve_k(self.mode, self.k)
-        check_int("max_think_tokens", self.max_think_tokens, minimum=1)
-        check_int("max_answer_tokens", self.max_answer_tokens, minimum=0)
-        for name in ("temperature", "answer_temperature"):
-            value = getattr(self, name)
-            if name == "answer_temperature" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name}: expected a finite float >= 0 (0 is greedy), got {value!r}")
-        top_p = self.top_p
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
-        for name in ("return_features", "answer_all"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
     @property
     def num_candidates(self) -> int:
@@ -87,12 +114,7 @@ class SearchParams:
     aggregate: str = option("mean", "how a beam's step scores rank it", choices=AGGREGATES)
 
     def __post_init__(self):
-        if self.method not in SEARCH_METHODS:
-            raise ValueError(f"method: expected one of {list(SEARCH_METHODS)}, got {self.method!r}")
-        check_int("beam_width", self.beam_width, minimum=1)
-        check_int("expansions", self.expansions, minimum=1)
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate: expected one of {list(AGGREGATES)}, got {self.aggregate!r}")
+        check_fields(self)
 
 
 # -- defaults read from a model folder -----------------------------------------------------------------------------

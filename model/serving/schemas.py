@@ -21,13 +21,9 @@ MAX_K = 64  # candidates per generation: twice the paper's "high" mode; more is 
 # The GenerationParams fields the server does not take: features and extra answers are for training and the
 # evaluation, and would make one request cost k answers.
 NOT_SERVED = ("return_features", "answer_all")
-# Bounds pydantic checks on top of a field's `minimum`, so that a bad value is a 422 naming the field.
-EXTRA_BOUNDS = {
-    "k": {"le": MAX_K},
-    "temperature": {"ge": 0},
-    "answer_temperature": {"ge": 0},
-    "top_p": {"gt": 0, "le": 1},
-}
+# A bound the server adds to a field's own (`minimum`, `exclusive_minimum`, `maximum`), so a bad value is a 422.
+EXTRA_BOUNDS = {"k": {"le": MAX_K}}
+PYDANTIC_BOUNDS = {"minimum": "ge", "exclusive_minimum": "gt", "maximum": "le"}
 
 
 class Strict(BaseModel):
@@ -64,8 +60,9 @@ def request_field(name: str, annotation, metadata) -> tuple:
     choices = metadata.get("choices")
     value_type = Literal[tuple(choices)] if choices else non_none(annotation)
     bounds = dict(EXTRA_BOUNDS.get(name, {}))
-    if metadata.get("minimum") is not None:
-        bounds.setdefault("ge", metadata["minimum"])
+    for name_in_params, name_in_pydantic in PYDANTIC_BOUNDS.items():
+        if metadata.get(name_in_params) is not None:
+            bounds.setdefault(name_in_pydantic, metadata[name_in_params])
     return value_type | None, Field(None, description=metadata.get("help"), **bounds)
 
 

@@ -1,4 +1,6 @@
-"""The KV cache operations best-of-k needs, on `DynamicCache` (verified on transformers 4.45.2 and 5.24)."""
+"""Every transformers version fork of the HF engine, and the KV cache row operations best-of-k and search need, on
+`DynamicCache` (verified on transformers 4.45.2 and 5.24). transformers' private attributes (`_name_or_path`,
+`_attn_implementation`, a 4.x cache's `_seen_tokens`) are read here and nowhere else."""
 
 from __future__ import annotations
 
@@ -6,6 +8,53 @@ import copy
 import inspect
 
 import torch
+
+# -- the model and its config -------------------------------------------------------------------------------------
+
+
+def dtype_keyword() -> str:
+    """`from_pretrained`'s keyword for the weights' dtype: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def text_config(config):
+    """The text model's config (multimodal configs nest it; `get_text_config` exists since 4.46)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def name_or_path(config) -> str:
+    """The folder (or hub name) the model was loaded from, "" when unknown."""
+    return getattr(config, "_name_or_path", "") or ""
+
+
+def uses_flash_attention(model) -> bool:
+    """Whether the model runs a flash-attention implementation (its varlen kernels skip masked blocks)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "").startswith("flash_attention")
+
+
+def masks_packed_sequences() -> bool:
+    """transformers >= 4.53 builds per-sequence causal masks from restarting position_ids for every attention."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def last_logits_kwargs(model) -> dict:
+    """The forward keywords that ask for the last position's logits only (the name changed across versions); {}
+    when the forward takes neither."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return {name: 1}
+    return {}
+
+
+# -- the KV cache -------------------------------------------------------------------------------------------------
 
 
 def cache_argument(model) -> str:

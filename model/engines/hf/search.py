@@ -18,11 +18,14 @@ to expand). The choice and the answer pass are `generate`'s: finished first, the
 A row that reaches its boundary before the others waits: it takes masked padding (attention mask 0) until the round
 ends, so its KV holds holes that attention never sees; positions are explicit, so its tokens get the positions they
 would have without the holes, and its KV is compacted before the answer.
+
+The search is a strategy over the engine's public step API (`ReflectiveModel.capture_penultimate`, `new_cache`,
+`forward_cached`, `prompt_step_probs`, `scored_positions`, `answer_candidate`); the streaming rule is `core.steps`,
+the survivor rule `core.selection.search_survivors`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -32,17 +35,21 @@ from sprm_kernels import StepScorer, resolve_backend
 from sprm_kernels.model.core.params import GenerationParams, SearchParams
 from sprm_kernels.model.core.progress import progress_bar
 from sprm_kernels.model.core.sampling import sample_tokens
-from sprm_kernels.model.core.selection import choose_best, geometric_mean
+from sprm_kernels.model.core.selection import choose_best, geometric_mean, search_survivors
+from sprm_kernels.model.core.steps import ThinkSpan, could_score
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
-from sprm_kernels.model.engines.hf.compat import cache_argument, compact_row, new_cache
+from sprm_kernels.model.engines.hf.compat import compact_row
 from sprm_kernels.reference import PROB_EPS
 
 
-class _Rows:
-    """Per-row state of the search batch, all tensors with the batch first; `select` forks or prunes rows."""
+class SearchRows:
+    """Per-row state of the search batch, all tensors with the batch first; `select` forks or prunes rows.
+
+    `rm` is the engine (`ReflectiveModel`); `logits` [rows, V] and `hidden` [rows, H] are of each row's last fed
+    position; `cache` holds the rows' KV (None in unit tests that never forward)."""
 
     BATCHED = ("tokens", "step_probs", "lengths", "mask", "previous", "sum_log", "count", "last", "lowest", "subtree",
-               "logits", "hidden", "start_count", "start_first", "end_count", "end_first")  # fmt: skip
+               "logits", "hidden")  # fmt: skip
 
     def __init__(self, rm, prompt_ids: list[int], rows: int, max_think: int, cache, logits, hidden):
         device = rm.device
@@ -58,11 +65,7 @@ class _Rows:
         self.lowest = torch.ones(rows, dtype=torch.float32, device=device)
         self.subtree = torch.zeros(rows, dtype=torch.long, device=device)
         self.logits, self.hidden = logits, hidden  # of each row's last fed position
-        counts = {m: sum(t == m for t in prompt_ids) for m in (rm.think_start_id, rm.think_end_id)}
-        firsts = {m: prompt_ids.index(m) if counts[m] else 0 for m in counts}
-        full = lambda value: torch.full((rows,), value, dtype=torch.long, device=device)  # noqa: E731
-        self.start_count, self.start_first = full(counts[rm.think_start_id]), full(firsts[rm.think_start_id])
-        self.end_count, self.end_first = full(counts[rm.think_end_id]), full(firsts[rm.think_end_id])
+        self.span = ThinkSpan(prompt_ids, rows, rm.think_start_id, rm.think_end_id, device)  # rule 4 so far
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -71,6 +74,7 @@ class _Rows:
         """Keep rows `index`, in that order; a repeated index forks a row (its KV, history and running score)."""
         for name in self.BATCHED:
             setattr(self, name, getattr(self, name)[index])
+        self.span.select(index)
         self.cache.batch_select_indices(index)
 
     def running_score(self, how: str) -> torch.Tensor:
@@ -81,29 +85,21 @@ class _Rows:
             value = self.last if how == "last" else self.lowest
         return torch.where(self.count > 0, value, torch.zeros_like(value))
 
-    def in_span(self, position: torch.Tensor) -> torch.Tensor:
-        """Rule 4 with the markers written so far: start < position < end (end unbounded while not closed)."""
-        start = torch.where(self.start_count == 1, self.start_first, 0)
-        end = torch.where(self.end_count == 1, self.end_first, torch.iinfo(torch.long).max)
-        return (start < position) & (position < end)
-
-    def observe(self, token, position, writing, start_id: int, end_id: int) -> None:
-        """Count the markers written at `position` (the new token's) by the rows in `writing`."""
-        for marker, count, first in ((start_id, "start_count", "start_first"), (end_id, "end_count", "end_first")):
-            seen = writing & (token == marker)
-            setattr(self, first, torch.where(seen & (getattr(self, count) == 0), position, getattr(self, first)))
-            setattr(self, count, getattr(self, count) + seen)
-
 
 @dataclass
-class _Finished:
+class FinishedBeam:
+    """A row that closed its thinking or reached the budget: a candidate, waiting for the choice."""
+
     token_ids: list[int]
     step_probs: list[float]
     closed: bool
     cache: object  # one row, compacted, every token but the last fed
 
 
-class _Search:
+class StepSearch:
+    """One search's rounds on `rm` (a `ReflectiveModel`, through its public step API): decoding to the next step
+    boundary, choosing survivors (`selection.search_survivors`), finishing beams."""
+
     def __init__(self, rm, prompt_ids, shape: SearchParams, params: GenerationParams, backend, sample):
         self.rm, self.prompt_ids, self.shape, self.params, self.sample = rm, prompt_ids, shape, params, sample
         self.width = params.num_candidates
@@ -112,24 +108,22 @@ class _Search:
         self.sampled = self.fed = self.padded = 0
         self.forward_seconds = 0.0
 
-    def forward(self, rows: _Rows, token: torch.Tensor, real: torch.Tensor, captured) -> None:
+    def forward(self, rows: SearchRows, token: torch.Tensor, real: torch.Tensor, captured) -> None:
         """Feed one token per row (`real` rows; the others get masked padding) and keep the real rows' logits and
         layer L-2 states. Positions are explicit: a real token's position is its row's real length so far."""
         rm = self.rm
         rows.mask = torch.cat([rows.mask, real.long()[:, None]], dim=1)
         position = (len(self.prompt_ids) + rows.lengths - 1)[:, None]
         start = time.perf_counter()
-        out = rm.model(
-            input_ids=torch.where(real, token, rm.pad_token_id)[:, None], attention_mask=rows.mask,
-            position_ids=position, **{cache_argument(rm.model): rows.cache}, use_cache=True,
-        )  # fmt: skip
+        input_ids = torch.where(real, token, rm.pad_token_id)[:, None]
+        out = rm.forward_cached(input_ids, rows.cache, attention_mask=rows.mask, position_ids=position)
         self.forward_seconds += time.perf_counter() - start
         rows.logits = torch.where(real[:, None], out.logits[:, -1].float(), rows.logits.float())
         rows.hidden = torch.where(real[:, None], captured["features"][:, -1], rows.hidden)
         fed = int(real.sum())
         self.fed, self.padded = self.fed + fed, self.padded + len(rows) - fed
 
-    def decode_round(self, rows: _Rows, captured) -> None:
+    def decode_round(self, rows: SearchRows, captured) -> None:
         """Decode every row until it writes a scored step token, `</think>`, or reaches the budget. A row's last
         token (the one that ended its round) is left unfed."""
         rm, device = self.rm, self.rm.device
@@ -143,17 +137,12 @@ class _Search:
             token[writing] = self.sample(rows.logits[writing])
             self.sampled += int(writing.sum())
             position = prompt_len + rows.lengths - 1  # the state that predicted `token`
-            could_score = (
-                writing
-                & torch.isin(token, self.step_ids)  # rule 1: x[t+1] is a step token
-                & ~torch.isin(rows.previous, self.step_ids)  # rule 2: first of a run
-                & (rows.previous != rm.think_start_id)  # rule 3: not <think> itself
-            )
-            is_step = could_score & rows.in_span(position)  # rule 4, with the markers written so far
+            scorable = could_score(token, rows.previous, writing, self.step_ids, rm.think_start_id)  # rules 1-3
+            is_step = scorable & rows.span.contains(position)  # rule 4, with the markers written so far
             features.zero_()
             features[: len(rows)] = rows.hidden
             flags.zero_()
-            flags[: len(rows)] = could_score
+            flags[: len(rows)] = scorable
             # The head runs for rows where rules 1-3 hold (the only positions a final rule can score, even when a
             # later marker moves the span); the scorer's own sums are not used (forks reorder rows).
             prob = self.scorer.update(features, flags, want_prob=flags)[: len(rows)]
@@ -165,7 +154,7 @@ class _Search:
             rows.count = rows.count + is_step
             rows.last = torch.where(is_step, prob, rows.last)
             rows.lowest = torch.where(is_step, torch.minimum(rows.lowest, prob), rows.lowest)
-            rows.observe(token, position + 1, writing, rm.think_start_id, rm.think_end_id)
+            rows.span.observe(token, position + 1, writing)
             rows.lengths = rows.lengths + writing
             rows.previous = torch.where(writing, token, rows.previous)
             boundary = writing & (is_step | (token == rm.think_end_id) | (rows.lengths >= max_think))
@@ -174,27 +163,20 @@ class _Search:
                 return
             self.forward(rows, token, writing & ~boundary, captured)
 
-    def survivors(self, rows: _Rows, alive: torch.Tensor) -> torch.Tensor:
-        """Beam: the best `beam_width` alive rows; DVTS: the best alive row of each subtree. NaN ranks lowest, ties
-        go to the lowest index."""
-        score = rows.running_score(self.shape.aggregate).tolist()
-        key = lambda row: (-1.0 if math.isnan(score[row]) else score[row], -row)  # noqa: E731
-        alive = alive.tolist()
-        if self.shape.method == "beam":
-            kept = sorted(alive, key=key, reverse=True)[: self.shape.beam_width]
-        else:
-            best = {}
-            for row in alive:
-                tree = int(rows.subtree[row])
-                if tree not in best or key(row) > key(best[tree]):
-                    best[tree] = row
-            kept = [best[tree] for tree in sorted(best)]
+    def survivors(self, rows: SearchRows, alive: torch.Tensor) -> torch.Tensor:
+        """[survivors] long: beam, the best `beam_width` alive rows; DVTS, the best alive row of each subtree, by
+        the running score (`aggregate`). NaN ranks lowest, ties go to the lowest index (`alive` [n] long)."""
+        kept = search_survivors(
+            rows.running_score(self.shape.aggregate).tolist(), alive.tolist(), rows.subtree.tolist(),
+            method=self.shape.method, beam_width=self.shape.beam_width,
+        )  # fmt: skip
         return torch.tensor(kept, dtype=torch.long, device=self.rm.device)
 
-    def finish(self, rows: _Rows, row: int) -> _Finished:
+    def finish(self, rows: SearchRows, row: int) -> FinishedBeam:
+        """Row `row` as a finished beam, its KV compacted to one row without the waiting holes."""
         length = int(rows.lengths[row])
         keep = rows.mask[row].nonzero().flatten()
-        return _Finished(
+        return FinishedBeam(
             token_ids=rows.tokens[row, :length].tolist(),
             step_probs=rows.step_probs[row, :length].tolist(),
             closed=int(rows.tokens[row, length - 1]) == self.rm.think_end_id,
@@ -240,17 +222,16 @@ def search(
     def sample_answer(logits):
         return sample(logits, params.answer_sampling_temperature)
 
-    run = _Search(rm, prompt_ids, shape, params, backend, sample)
+    run = StepSearch(rm, prompt_ids, shape, params, backend, sample)
     start = time.perf_counter()
-    finished: list[_Finished] = []
-    with rm._hook_penultimate(stop=False) as captured:
-        cache = new_cache(rm.model)
-        prompt = torch.tensor([prompt_ids], device=rm.device)
-        out = rm.model(input_ids=prompt, **{cache_argument(rm.model): cache}, use_cache=True)
+    finished: list[FinishedBeam] = []
+    with rm.capture_penultimate() as captured:
+        cache = rm.new_cache()
+        out = rm.forward_cached(torch.tensor([prompt_ids], device=rm.device), cache)
         features = captured["features"][0]
-        prompt_step_probs = rm._prompt_step_probs(prompt_ids, features, backend)
+        prompt_step_probs = rm.prompt_step_probs(prompt_ids, features, backend)
         cache.batch_repeat_interleave(run.width)
-        rows = _Rows(rm, prompt_ids, run.width, max_think_tokens, cache,
+        rows = SearchRows(rm, prompt_ids, run.width, max_think_tokens, cache,
                      out.logits[:, -1].float().expand(run.width, -1), features[-1].expand(run.width, -1))  # fmt: skip
         rows.subtree = torch.arange(run.width, device=rm.device) // shape.expansions  # DVTS: its first children
         run.forward_seconds += time.perf_counter() - start
@@ -284,8 +265,8 @@ def search(
     candidates = [_candidate(rm, prompt_ids, f, prompt_step_probs, backend) for f in finished]
     best = choose_best([c.score for c in candidates], [c.finished for c in candidates])
     answer_start = time.perf_counter()
-    answer_ids, answer_fed = rm._answer_candidate(finished[best].cache, 0, prompt_ids, candidates[best],
-                                                  max_answer_tokens, sample_answer)  # fmt: skip
+    answer_ids, answer_fed = rm.answer_candidate(finished[best].cache, 0, prompt_ids, candidates[best],
+                                                 max_answer_tokens, sample_answer)  # fmt: skip
     answer_seconds = time.perf_counter() - answer_start
     stats = GenerationStats(
         prefill_tokens=len(prompt_ids),
@@ -312,11 +293,11 @@ def _write_at(history: torch.Tensor, index: torch.Tensor, value: torch.Tensor, w
     history.scatter_(1, index, torch.where(where, value, kept)[:, None])
 
 
-def _candidate(rm, prompt_ids, finished: _Finished, prompt_step_probs, backend) -> Candidate:
+def _candidate(rm, prompt_ids, finished: FinishedBeam, prompt_step_probs, backend) -> Candidate:
     """A finished beam as `generate` reports a candidate: positions by the exact rule on its final ids, the step
     probabilities its decoding computed (prompt positions from the prefill), their geometric mean."""
     prompt_len = len(prompt_ids)
-    positions = rm._scored_positions([prompt_ids + finished.token_ids], backend)[0]
+    positions = rm.scored_positions([prompt_ids + finished.token_ids], backend)[0]
     probs = [prompt_step_probs[t] if t < prompt_len - 1 else finished.step_probs[t - prompt_len + 1] for t in positions]
     return Candidate(
         token_ids=finished.token_ids,

@@ -16,22 +16,21 @@ through the model), the logits at the §3 positions; the same `ScoreResult`s as 
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 import uuid
 
 import torch
 
-from sprm_kernels import step_positions
+import sprm_kernels.model.engines.vllm.compat as compat
 from sprm_kernels.model.core.head import SPRMHead
 from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.selection import choose_best
+from sprm_kernels.model.core.steps import scored_positions
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
 from sprm_kernels.model.engines.common import check_batch_tokens, encode_texts, prompt_token_ids, token_lists
-from sprm_kernels.model.engines.vllm import compat
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
 from sprm_kernels.torch_ops import clamped_log_sigmoid
 
@@ -157,16 +156,11 @@ class VLLMReflectiveModel:
         return results
 
     def _scored_positions(self, sequences: list[list[int]]) -> list[list[int]]:
-        if not sequences:
-            return []
-        lengths = [len(s) for s in sequences]
-        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
-        step_index, offsets = step_positions(
-            torch.tensor([t for s in sequences for t in s]), step_token_ids=self.step_token_ids,
-            think_start_id=self.think_start_id, think_end_id=self.think_end_id, cu_seqlens=cu_seqlens, backend="torch",
+        """docs/method.md §3 on each whole sequence, on the host (the PyTorch route)."""
+        return scored_positions(
+            sequences, step_token_ids=self.step_token_ids, think_start_id=self.think_start_id,
+            think_end_id=self.think_end_id, backend="torch",
         )  # fmt: skip
-        step_index, offsets, starts = step_index.tolist(), offsets.tolist(), cu_seqlens.tolist()
-        return [[i - starts[row] for i in step_index[offsets[row] : offsets[row + 1]]] for row in range(len(lengths))]
 
     def _check_lengths(self, sequences, name: str, extra: int) -> None:
         limit = self.context_length

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import sprm_kernels.model.engines.vllm.compat as compat
 from sprm_kernels.model.core.head import STATE_KEYS, SPRMHead
-from sprm_kernels.model.engines.vllm import compat
 from sprm_kernels.torch_ops import head_logits_fp32
 
 

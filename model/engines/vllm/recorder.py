@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sprm_kernels.model.core.steps import is_scorable_pair
+
 EXTRA_KEY = "sprm_key"  # SamplingParams.extra_args: the record's key
 EXTRA_FEATURES = "sprm_features"  # SamplingParams.extra_args: also keep the layer L-2 rows rules 1-3 could score
 
@@ -69,7 +71,7 @@ class StepRecorder:
         record.pending = (start + len(ids) - 1, ids[-1], rows[-1].clone())
 
     def _could_score(self, token: int, successor: int) -> bool:
-        return successor in self.step_ids and token not in self.step_ids and token != self.think_start_id
+        return is_scorable_pair(token, successor, self.step_ids, self.think_start_id)
 
     def fetch(self, wanted: dict[str, list[int]], features: bool = False) -> dict:
         """{key: (logits, rows)} at the wanted positions (None where a position has no value); drops the records.

@@ -6,7 +6,7 @@ then calls `sprm_fetch` for the logits (and rows) at the positions it scores, an
 
 from __future__ import annotations
 
-from sprm_kernels.model.engines.vllm import compat
+import sprm_kernels.model.engines.vllm.compat as compat
 from sprm_kernels.model.engines.vllm.recorder import StepRecorder
 
 
