@@ -13,8 +13,7 @@ if not torch.cuda.is_available():
 # decoding loops up to 100x slower: one thread keeps the suite's run time stable.
 torch.set_num_threads(1)
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from helpers import HAS_CUDA, INTERPRETING  # noqa: E402 (after TRITON_INTERPRET is set: helpers reads it)
 
 # (device, backend) pairs every kernel test runs on: the Triton kernels (compiled on CUDA, interpreted on CPU)
 # and the PyTorch path.
@@ -22,8 +21,6 @@ ROUTES = [pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.c
 ROUTES += [pytest.param(("cpu", "torch"), id="cpu-torch")]
 if INTERPRETING:
     ROUTES += [pytest.param(("cpu", "triton"), id="cpu-interpreter")]
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")
 
 
 @pytest.fixture(params=ROUTES)
@@ -51,7 +48,7 @@ def poisoned_allocations(monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One private Ray instance for the whole run (tests/test_ray_*.py): 127.0.0.1 only, no dashboard, the
+    """One private Ray instance for the whole run (tests/ray/): 127.0.0.1 only, no dashboard, the
     machine's CPUs; shut down at the end. Ray's start-up costs seconds, so it is never started twice."""
     ray = pytest.importorskip("ray", reason="the Ray tests need Ray (pip install 'ray[data,serve]')")
     from sprm_kernels.model.ray.cluster import connect

@@ -6,7 +6,7 @@ from `info()`, `encode()` and `prompt_ids()`. What only some engines can do is a
 its `supports_*` function (as vLLM's `model_executor/models/interfaces.py` does), never with `hasattr`.
 
 Adding an engine: implement `Engine` (and the capabilities it has), register its loader in `registry.ENGINES`, and
-run the engine-contract tests (`tests/engines/test_contract.py`) against it (CONTRIBUTING, "Engines").
+run the engine-contract tests (`tests/engines/test_engine_contract.py`) against it (CONTRIBUTING, "Engines").
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import INTERPRETING
-from helpers import random_head
+from helpers import INTERPRETING, random_head
 
 import sprm_kernels
 import sprm_kernels.kernels.sprm_score as score_kernel

@@ -1,5 +1,5 @@
 """The `sprm` command line (model/cli.py) on a tiny saved model: `generate` and `score` outputs, and usage errors
-(exit status 2, one message, no traceback). `serve` is exercised by tests/test_server.py (the SIGTERM test)."""
+(exit status 2, one message, no traceback). `serve` is exercised by tests/serving/test_server.py (the SIGTERM test)."""
 
 from __future__ import annotations
 

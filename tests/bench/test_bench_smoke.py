@@ -13,7 +13,7 @@ import torch
 
 from sprm_kernels import step_positions_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed: import it from the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not installed: import it from the checkout
 from bench import common, pipeline, reference_flow  # noqa: E402
 
 TINY = pipeline.Config(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from sprm_kernels import sprm_score_reference
@@ -71,3 +74,9 @@ def random_token_rows(batch: int, length: int, seed=0, vocab=12, step_rate=0.25)
         if kind == 3:
             ids[b, length // 2 + 1] = CLOSE
     return ids
+
+
+# Set by conftest.py before anything imports triton: without CUDA, kernels run under the Triton interpreter.
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import requires_cuda
-from helpers import max_abs_error, random_head, truth
+from helpers import max_abs_error, random_head, requires_cuda, truth
 
 from sprm_kernels import StepScorer
 

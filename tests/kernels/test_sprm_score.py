@@ -221,7 +221,7 @@ def test_tile_configurations_give_the_same_answer():
     """Every schedule of the launcher agrees: one BLOCK_N tile per split, one split for all columns, uneven splits
     (granules of 8 columns over 3 splits), grouped orders with full, partial and oversized groups, a split
     reduction in several SPLIT_TILE steps."""
-    from conftest import INTERPRETING
+    from helpers import INTERPRETING
 
     if not INTERPRETING:
         pytest.skip("configurations are forced through the Triton launcher (CUDA or the interpreter)")

@@ -208,7 +208,7 @@ SYNTH_HIDDEN = 16
 
 
 def synthetic_rollouts(problems=160, k=8, max_steps=6, seed=0) -> RolloutSet:
-    """As tests/test_loss.py's synthetic batches: a step is good or bad, +-1 along axis 0, plus unit noise, a
+    """As tests/kernels/test_loss.py's synthetic batches: a step is good or bad, +-1 along axis 0, plus unit noise, a
     per-problem offset and the problem's difficulty along axis 1 (which alone separates problems, not rollouts). A
     wrong rollout is good up to its first error, a correct one good but for a few lucky bad steps. One rollout in 10
     never finished (invalid); its features are the opposite of its label, so training on it would hurt."""

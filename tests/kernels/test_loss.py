@@ -328,7 +328,7 @@ def test_training_learns_the_step_signal(mode):
     assert within >= 0.1
 
 
-if __name__ == "__main__":  # python tests/test_loss.py: the curves for SPR and BCE, side by side
+if __name__ == "__main__":  # python tests/kernels/test_loss.py: the curves for SPR and BCE, side by side
     eval_gen = torch.Generator().manual_seed(99)
     print("held-out batches:", baselines([synthetic_batch(eval_gen) for _ in range(8)]))
     for mode in ("spr", "bce"):
