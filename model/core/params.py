@@ -122,9 +122,9 @@ class SearchParams:
 TASK_FILE = "sprm_task.json"  # a model folder's recommended sampling settings (the shipped model has one)
 
 
-def folder_sampling(folder: str | None) -> dict[str, float]:
-    """The sampling settings ("temperature", "top_p") a model folder recommends in its `sprm_task.json` (the
-    shipped model was trained and evaluated at temperature 1, top_p 1); {} when it recommends none."""
+def folder_task(folder: str | None) -> dict:
+    """A model folder's `sprm_task.json` (what it recommends: sampling settings, the task's difficulty), or {}
+    when it has none or it is not a JSON object."""
     if folder is None:
         return {}
     try:
@@ -132,10 +132,15 @@ def folder_sampling(folder: str | None) -> dict[str, float]:
             task = json.load(f)
     except (OSError, ValueError):
         return {}
+    return task if isinstance(task, dict) else {}
+
+
+def folder_sampling(folder: str | None) -> dict[str, float]:
+    """The sampling settings ("temperature", "top_p") a model folder recommends in its `sprm_task.json` (the
+    shipped model was trained and evaluated at temperature 1, top_p 1); {} when it recommends none."""
     found = {}
-    for name in ("temperature", "top_p"):
-        value = task.get(name) if isinstance(task, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    for name, value in folder_task(folder).items():
+        if name in ("temperature", "top_p") and isinstance(value, (int, float)) and not isinstance(value, bool):
             found[name] = float(value)
     return found
 

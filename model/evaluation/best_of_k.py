@@ -15,13 +15,13 @@ right before each scored position, so it picks the finished candidate with the f
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
 
 import numpy as np
 
+from sprm_kernels.model.core.params import folder_sampling, folder_task
 from sprm_kernels.model.core.progress import counter
 from sprm_kernels.model.core.threads import set_threads
 from sprm_kernels.model.shipped import SHIPPED_DIR, task
@@ -147,6 +147,15 @@ def overall_gap(samples: dict, scores_list) -> float:
     return float(scores[correct].mean() - scores[~correct].mean()) if correct.any() and (~correct).any() else math.nan
 
 
+def task_settings(model_dir: str, temperature: float | None, difficulty: int | None) -> tuple[float, int]:
+    """The temperature and difficulty of an evaluation: as given, else the model folder's (`sprm_task.json`),
+    else temperature 1 (the evaluation samples the policy as trained) and the task's default difficulty."""
+    settings = folder_task(model_dir)
+    temperature = folder_sampling(model_dir).get("temperature", 1.0) if temperature is None else temperature
+    difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
+    return temperature, difficulty
+
+
 def sample_locally(
     model_dir: str,
     problems,
@@ -203,12 +212,7 @@ def evaluate(
     (the same per-problem results) and its `num_workers`, which the report gives as "workers"."""
     start = time.time()
     model_dir = model_dir or SHIPPED_DIR
-    settings = {}
-    if os.path.isfile(os.path.join(model_dir, "sprm_task.json")):
-        with open(os.path.join(model_dir, "sprm_task.json")) as f:
-            settings = json.load(f)
-    temperature = settings.get("temperature", 1.0) if temperature is None else temperature
-    difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
+    temperature, difficulty = task_settings(model_dir, temperature, difficulty)
     ks = tuple(sorted(set(int(k) for k in ks)))
     k_max = ks[-1]
     if bce_head_dir is not None and not os.path.isdir(bce_head_dir):

@@ -11,14 +11,13 @@ thinking), so no answer tokens are counted anywhere.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 
 import numpy as np
 
 from sprm_kernels.model.core.threads import set_threads
-from sprm_kernels.model.evaluation.best_of_k import ci95, sample_candidates, selection_metrics
+from sprm_kernels.model.evaluation.best_of_k import ci95, sample_candidates, selection_metrics, task_settings
 from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
 VOTE_METHODS = ("sprm", "majority", "sprm_vote")  # best-of-k family drawn from the same samples
@@ -46,17 +45,11 @@ def compute_view(
     threads: int | None = None,
 ) -> dict:
     """Rows {method, budget, accuracy, ci95, tokens} for every method and budget, and the goal checks."""
-    import json
 
     from sprm_kernels.model.engines.registry import load_engine
 
     model_dir = model_dir or SHIPPED_DIR
-    settings = {}
-    if os.path.isfile(os.path.join(model_dir, "sprm_task.json")):
-        with open(os.path.join(model_dir, "sprm_task.json")) as f:
-            settings = json.load(f)
-    temperature = settings.get("temperature", 1.0) if temperature is None else temperature
-    difficulty = settings.get("difficulty", task.DEFAULT_DIFFICULTY) if difficulty is None else difficulty
+    temperature, difficulty = task_settings(model_dir, temperature, difficulty)
     max_think = think_budget(difficulty)
     rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
     info = rm.info()
