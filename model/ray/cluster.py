@@ -112,22 +112,28 @@ def set_torch_threads(threads: int) -> None:
 # -- command-line options shared by `sprm eval --ray` and `train collect --ray` ----------------------------------
 
 
-def add_ray_arguments(parser, *, out_help: str | None = None, out_flag: str = "--out") -> None:
-    """--ray [ADDRESS], --num-workers, --cpus-per-worker, --gpus-per-worker (and `out_flag` when `out_help`)."""
+def count(text: str) -> int:
+    """An argparse type for --num-workers, --replicas: an int >= 1."""
     import argparse
 
-    def count(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
-        return value
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+    return value
 
-    def amount(text: str) -> float:
-        value = float(text)
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-        return value
 
+def amount(text: str) -> float:
+    """An argparse type for --cpus-per-worker, --gpus-per-worker: a number >= 0."""
+    import argparse
+
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def add_ray_arguments(parser, *, out_help: str | None = None, out_flag: str = "--out") -> None:
+    """--ray [ADDRESS], --num-workers, --cpus-per-worker, --gpus-per-worker (and `out_flag` when `out_help`)."""
     group = parser.add_argument_group("Ray (see README: Scale out on Ray)")
     group.add_argument(
         "--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",

@@ -157,19 +157,7 @@ def undeploy() -> None:
 
 def add_arguments(parser) -> None:
     """The options of `sprm serve` that only matter with --ray."""
-    import argparse
-
-    def count(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
-        return value
-
-    def amount(text: str) -> float:
-        value = float(text)
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-        return value
+    from sprm_kernels.model.ray.cluster import amount, count
 
     group = parser.add_argument_group("Ray Serve (see README: Scale out on Ray)")
     group.add_argument(
