@@ -30,10 +30,16 @@ from sprm_kernels.model.core.head import SPRMHead
 from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.selection import MODES, choose_best
 from sprm_kernels.model.core.steps import prompt_step_positions, scored_positions
-from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
+from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
-from sprm_kernels.model.engines.common import check_batch_tokens, encode_texts, prompt_token_ids, token_lists
+from sprm_kernels.model.engines.common import (
+    check_batch_tokens,
+    encode_texts,
+    prompt_token_ids,
+    rule_token_ids,
+    token_lists,
+)
 from sprm_kernels.model.engines.hf.features import capture_layer_output, decoder_layers, run_until_layer
 
 __all__ = ["MODES", "Candidate", "GenerationResult", "GenerationStats", "ReflectiveModel", "ScoreResult", "choose_best"]
@@ -70,9 +76,7 @@ class ReflectiveModel:
         self.head = head.to(device=self.device, dtype=self.dtype).eval()
         self.backend = backend
         resolve_backend(self.device, backend)  # fail now on a bad backend, not in the middle of a generation
-        self.think_start_id, self.think_end_id = think_marker_ids(tokenizer)
-        self.step_token_ids = step_token_ids(tokenizer, lang)
-        check_round_trip(tokenizer, (self.think_start_id, self.think_end_id), self.step_token_ids, lang)
+        self.think_start_id, self.think_end_id, self.step_token_ids = rule_token_ids(tokenizer, lang)
         self.lang = lang
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = next(

@@ -27,10 +27,16 @@ from sprm_kernels.model.core.head import SPRMHead
 from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.selection import choose_best
 from sprm_kernels.model.core.steps import scored_positions
-from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids, step_token_ids, think_marker_ids
+from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
-from sprm_kernels.model.engines.common import check_batch_tokens, encode_texts, prompt_token_ids, token_lists
+from sprm_kernels.model.engines.common import (
+    check_batch_tokens,
+    encode_texts,
+    prompt_token_ids,
+    rule_token_ids,
+    token_lists,
+)
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
 from sprm_kernels.torch_ops import clamped_log_sigmoid
 
@@ -56,8 +62,7 @@ class VLLMReflectiveModel:
         self.lang = lang
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size  # valid ids: [0, vocab_size)
-        self.think_start_id, self.think_end_id = think_marker_ids(tokenizer)
-        self.step_token_ids = step_token_ids(tokenizer, lang)
+        self.think_start_id, self.think_end_id, self.step_token_ids = rule_token_ids(tokenizer, lang)
         self.eos_token_ids = sorted(compat.eos_token_ids(path, tokenizer))
         self.context_length = compat.max_model_len(llm)
         self._dtype = compat.model_dtype(llm)
