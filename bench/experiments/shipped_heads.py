@@ -1,7 +1,7 @@
 """Head recipes on one built policy, measured within problems on the validation split (scratch experiment).
 
 `python bench/experiments/shipped_heads.py DIR [RECIPE,...]`: samples the builder's training rollouts and 200
-validation problems x 32 candidates once, trains each recipe (overrides of `build_shipped.HEAD`) on the frozen
+validation problems x 32 candidates once, trains each recipe (overrides of `shipped.build.HEAD`) on the frozen
 layer L-2 features, and prints best-of-k and the within-problem gap of each head (no regeneration per head).
 """
 

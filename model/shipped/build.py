@@ -1,4 +1,4 @@
-"""Regenerate the shipped reflective model from scratch: `python -m sprm_kernels.model.build_shipped [--out DIR]`.
+"""Regenerate the shipped reflective model from scratch: `python -m sprm_kernels.model.shipped.build [--out DIR]`.
 
 1. a character tokenizer (`<think>`, `</think>`, `.\\n\\n` single tokens; generation prompt ends with `<think>`);
 2. a ~0.8M-parameter Qwen2 policy, supervised on traces of `task.py`: 12% of the sums are wrong and in the loss

@@ -71,7 +71,7 @@ def train_head(
     `bce_warmup_steps` (mode "spr"): plain BCE for the first steps. The SPR filter drops the steps of wrong
     trajectories that the head judges positive and never pushes them back, so a head that starts (or drifts, with
     dropout noise) to all-positive logits stays there (the kept shares in the report show it); the shipped model's
-    head needed half of its epochs of BCE first, then no dropout (`build_shipped.HEAD`).
+    head needed half of its epochs of BCE first, then no dropout (`shipped.build.HEAD`).
     With `output_dir`, the final head is written there and every `checkpoint_every` steps into
     `checkpoint-<step>/`: `sprm_head.safetensors` + `score_module.pt` + `sprm_train.json` (the `backbone` it belongs
     to, the settings, the last metrics), and `train_report.json` at the end.
