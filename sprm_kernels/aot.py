@@ -60,7 +60,7 @@ GOALS = {
 WAIVED = {
     "gemm_dram_2x": (
         "with one tile per program, X or W1 must be re-read once per group of tiles that fits L2 (LRU); 2x ideal "
-        "needs X read at most twice, i.e. half of W1 (52 MB) resident, more than either L2: see README",
+        "needs X read at most twice, i.e. half of W1 (52 MB) resident, more than either L2: see docs/performance.md",
         {"sm_90": 3.0, "sm_80": 3.8},
     ),
 }

@@ -2,7 +2,7 @@
 
 Used by `python -m sprm_kernels.aot` to put modeled figures beside every compiled configuration. It replays the
 kernels' own schedule (`kernels.schedule.program_tile` and `split_columns`, the functions the kernels are
-compiled from) and is a model, not a measurement. Its assumptions (stated in CONTRIBUTING, "The performance
+compiled from) and is a model, not a measurement. Its assumptions (also in docs/kernels.md, "The performance
 model"):
 
 - Programs start in program-id order, `ctas_per_sm * sms` at a time (a round); the programs of a round advance

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(NAME, help="HTTP server: /score, /score_batch, /generate, /health")
     add_model_options(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="default loopback; there is no TLS (see README)")
+    parser.add_argument("--host", default="127.0.0.1", help="default loopback; there is no TLS (see docs/serving.md)")
     parser.add_argument("--port", type=int, default=8001, help="default: %(default)s")
     parser.add_argument(
         "--max-batch-tokens",

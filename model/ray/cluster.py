@@ -134,7 +134,7 @@ def amount(text: str) -> float:
 
 def add_ray_arguments(parser, *, out_help: str | None = None, out_flag: str = "--out") -> None:
     """--ray [ADDRESS], --num-workers, --cpus-per-worker, --gpus-per-worker (and `out_flag` when `out_help`)."""
-    group = parser.add_argument_group("Ray (see README: Scale out on Ray)")
+    group = parser.add_argument_group("Ray (see docs/ray.md)")
     group.add_argument(
         "--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
         help="run on Ray: alone, a private instance on 127.0.0.1; ADDRESS ('auto', HOST:PORT) joins a cluster",

@@ -159,7 +159,7 @@ def add_arguments(parser) -> None:
     """The options of `sprm serve` that only matter with --ray."""
     from sprm_kernels.model.ray.cluster import amount, count
 
-    group = parser.add_argument_group("Ray Serve (see README: Scale out on Ray)")
+    group = parser.add_argument_group("Ray Serve (see docs/ray.md)")
     group.add_argument(
         "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
         help="serve replicas on Ray Serve: alone, a private Ray on 127.0.0.1; ADDRESS ('auto', HOST:PORT) joins one",

