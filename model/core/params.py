@@ -100,6 +100,16 @@ class GenerationParams:
         return tuple(f.name for f in fields(cls))
 
 
+def params_from(cls, caller: str, options: dict):
+    """`cls(**options)` with an unknown keyword refused by name (a TypeError listing the accepted ones): how an
+    engine's `generate(prompt, **options)` takes the fields of `GenerationParams` without spelling them again."""
+    unknown = sorted(set(options) - set(cls.names()))
+    if unknown:
+        raise TypeError(f"{caller}: unknown option {unknown[0]!r} (expected the fields of {cls.__name__}: "
+                        f"{', '.join(cls.names())})")  # fmt: skip
+    return cls(**options)
+
+
 SEARCH_METHODS = ("beam", "dvts")
 AGGREGATES = ("mean", "last", "min")
 
@@ -115,6 +125,10 @@ class SearchParams:
 
     def __post_init__(self):
         check_fields(self)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
 
 # -- defaults read from a model folder -----------------------------------------------------------------------------

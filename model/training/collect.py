@@ -5,13 +5,18 @@ forward), every candidate's answer decoded from its own KV cache (`answer_all=Tr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 
 import torch
 
+from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.progress import track
 from sprm_kernels.model.engines.base import Engine
 from sprm_kernels.model.training.rollouts import RolloutSet, csr
 from sprm_kernels.model.training.verifiers import LABEL_SOURCES, Verifier, check_verdict
+
+# The GenerationParams fields a collection passes on (k, the seed per prompt and the features are its own).
+SAMPLING_OPTIONS = ("max_think_tokens", "max_answer_tokens", "temperature", "top_p", "answer_temperature")
 
 
 def collect(
@@ -21,14 +26,10 @@ def collect(
     k: int,
     *,
     label_from: str = "answer",
-    max_think_tokens: int = 4096,
-    max_answer_tokens: int = 1024,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    answer_temperature: float | None = None,
     seed: int = 0,
     backend: str | None = None,
     progress: bool = True,
+    **sampling,
 ) -> RolloutSet:
     """k rollouts per prompt from `model.generate`, with the features its decoding saw, labelled by `verifier`.
 
@@ -36,14 +37,18 @@ def collect(
     candidate's answer (label_from="answer", decoded after its own `</think>` from its own KV cache) or its thinking
     text (label_from="thinking": no answer is decoded, for tasks whose thinking states the result). A row that never
     closes its thinking is invalid and not shown to the verifier. Prompt i is sampled with seed `seed + i`, so a
-    prompt's rollouts do not depend on the others.
+    prompt's rollouts do not depend on the others. `sampling`: the sampling fields of `GenerationParams`
+    (SAMPLING_OPTIONS), with its defaults.
     """
     check_collect_args(model, prompts, verifier, k, label_from, seed)
+    unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
+    if unknown:
+        raise TypeError(f"collect: unknown option {unknown[0]!r} (expected {', '.join(SAMPLING_OPTIONS)})")
     decode_answers = label_from == "answer"
-    settings = dict(
-        k=k, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens if decode_answers else 0,
-        temperature=temperature, top_p=top_p, answer_temperature=answer_temperature,
-    )  # fmt: skip
+    defaults = {f.name: f.default for f in fields(GenerationParams)}
+    settings = {"k": k, **{name: sampling.get(name, defaults[name]) for name in SAMPLING_OPTIONS}}
+    if not decode_answers:
+        settings["max_answer_tokens"] = 0  # the label reads the thinking: no answer is decoded
     backend_option = {} if backend is None else {"backend": backend}  # an engine-specific option
     parts = dict(features=[], positions=[], counts=[], correct=[], finished=[], valid=[], problem=[], tokens=[])
     prompt_token_ids, texts, answers = [], [], []

@@ -84,6 +84,15 @@ def test_generate_rejects_bad_parameters_alike(engine, kwargs, match):
         GenerationParams(**kwargs)
 
 
+def test_an_unknown_generate_option_is_named_with_the_accepted_ones(engine):
+    """generate takes the fields of GenerationParams (one spelling of them): a misspelt one is refused by name."""
+    with pytest.raises(TypeError, match="generate: unknown option 'max_tokens' .*max_think_tokens"):
+        engine.generate(PROMPT, max_tokens=8)
+    if supports_search(engine):
+        with pytest.raises(TypeError, match="search: unknown option 'k' "):
+            engine.search(PROMPT, k=4)  # a search's batch is beam_width x expansions
+
+
 def test_unknown_engine_is_named():
     with pytest.raises(ValueError, match="engine: expected one of"):
         load_engine(SHIPPED_DIR, engine="tgi")

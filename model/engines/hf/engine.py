@@ -27,7 +27,7 @@ import sprm_kernels.model.engines.hf.decode as decode
 import sprm_kernels.model.engines.hf.scoring as scoring
 from sprm_kernels import resolve_backend
 from sprm_kernels.model.core.head import SPRMHead
-from sprm_kernels.model.core.params import GenerationParams
+from sprm_kernels.model.core.params import GenerationParams, params_from
 from sprm_kernels.model.core.selection import MODES, choose_best
 from sprm_kernels.model.core.steps import prompt_step_positions, scored_positions
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
@@ -228,28 +228,16 @@ class ReflectiveModel:
 
     @torch.inference_mode()
     def generate(
-        self,
-        prompt_or_messages,
-        *,
-        mode: str = "medium",
-        k: int | None = None,
-        max_think_tokens: int = 4096,
-        max_answer_tokens: int = 1024,
-        temperature: float = 0.6,
-        top_p: float = 0.95,
-        answer_temperature: float | None = None,
-        seed: int | None = None,
-        backend: str | None = None,
-        progress: bool = False,
-        return_features: bool = False,
-        answer_all: bool = False,
+        self, prompt_or_messages, *, backend: str | None = None, progress: bool = False, **options
     ) -> GenerationResult:
         """Best-of-k reflective generation (docs/method.md §1, §5).
 
-        mode low / medium / high = k 2 / 8 / 32 (an explicit `k` overrides it). The chat template is applied to
-        the prompt, which is prefilled once; k thinking rows are sampled as one batch (temperature, top_p), each
-        step scored as it is produced; each row stops at `</think>` or after `max_think_tokens`. The best
-        candidate (below) keeps its KV cache row, cropped to its own length, and the answer continues from it
+        `options` are the fields of `GenerationParams` (core/params.py: mode, k, max_think_tokens,
+        max_answer_tokens, temperature, top_p, answer_temperature, seed, return_features, answer_all), with its
+        defaults. mode low / medium / high = k 2 / 8 / 32 (an explicit `k` overrides it). The chat template is
+        applied to the prompt, which is prefilled once; k thinking rows are sampled as one batch (temperature,
+        top_p), each step scored as it is produced; each row stops at `</think>` or after `max_think_tokens`. The
+        best candidate (below) keeps its KV cache row, cropped to its own length, and the answer continues from it
         until EOS or `max_answer_tokens`, sampled at `answer_temperature` (None: `temperature`; 0: greedy).
 
         The choice: finished rows (that wrote `</think>`) rank above unfinished ones, then by score; NaN ranks
@@ -264,11 +252,7 @@ class ReflectiveModel:
         candidate's answer, each from its own KV cache (no re-prefill), after the chosen one's, which stays what it
         is without the option; meanwhile it holds a copy of the KV of the other rows still in the batch.
         """
-        params = GenerationParams(
-            mode=mode, k=k, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens,
-            temperature=temperature, top_p=top_p, answer_temperature=answer_temperature, seed=seed,
-            return_features=return_features, answer_all=answer_all,
-        )  # fmt: skip
+        params = params_from(GenerationParams, "generate", options)
         backend = self.backend if backend is None else backend
         resolve_backend(self.device, backend)
         prompt_ids = chat_prompt_ids(self.tokenizer, prompt_or_messages)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sprm_kernels import StepScorer, resolve_backend
-from sprm_kernels.model.core.params import GenerationParams, SearchParams
+from sprm_kernels.model.core.params import GenerationParams, SearchParams, params_from
 from sprm_kernels.model.core.progress import progress_bar
 from sprm_kernels.model.core.sampling import sample_tokens
 from sprm_kernels.model.core.selection import choose_best, geometric_mean, search_survivors
@@ -184,40 +184,33 @@ class StepSearch:
         )
 
 
+# The sampling fields of GenerationParams a search takes (its batch size is beam_width x expansions, not k).
+SAMPLING_OPTIONS = ("max_think_tokens", "max_answer_tokens", "temperature", "top_p", "answer_temperature", "seed")
+
+
 @torch.inference_mode()
 def search(
-    rm,
-    prompt_or_messages,
-    *,
-    method: str = "beam",
-    beam_width: int = 4,
-    expansions: int = 2,
-    aggregate: str = "mean",
-    max_think_tokens: int = 4096,
-    max_answer_tokens: int = 1024,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    answer_temperature: float | None = None,
-    seed: int | None = None,
-    backend: str | None = None,
-    progress: bool = False,
+    rm, prompt_or_messages, *, backend: str | None = None, progress: bool = False, **options
 ) -> GenerationResult:
     """Beam search or DVTS over thinking steps (module docstring). The same result type as `generate`: the
     candidates are the finished beams; `stats.think_generated_tokens` counts every thinking token sampled, pruned
     rows included, and `stats.seconds["forward"]` the time spent in the model's forwards. `progress` shows a bar
-    of the search's rounds (one per step) on stderr."""
-    shape = SearchParams(method=method, beam_width=beam_width, expansions=expansions, aggregate=aggregate)
-    params = GenerationParams(
-        k=shape.beam_width * shape.expansions, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens,
-        temperature=temperature, top_p=top_p, answer_temperature=answer_temperature, seed=seed,
-    )  # fmt: skip
+    of the search's rounds (one per step) on stderr. `options`: the fields of `SearchParams` (method, beam_width,
+    expansions, aggregate) and the sampling fields of `GenerationParams` (SAMPLING_OPTIONS), with their defaults."""
+    shape = params_from(SearchParams, "search", {n: v for n, v in options.items() if n in SearchParams.names()})
+    sampling = {n: v for n, v in options.items() if n not in SearchParams.names()}
+    unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
+    if unknown:
+        raise TypeError(f"search: unknown option {unknown[0]!r} (expected the fields of SearchParams and "
+                        f"{', '.join(SAMPLING_OPTIONS)})")  # fmt: skip
+    params = GenerationParams(k=shape.beam_width * shape.expansions, **sampling)
     backend = rm.backend if backend is None else backend
     resolve_backend(rm.device, backend)
     prompt_ids = rm.prompt_ids(prompt_or_messages)
-    generator = None if seed is None else torch.Generator(device=rm.device).manual_seed(seed)
+    generator = None if params.seed is None else torch.Generator(device=rm.device).manual_seed(params.seed)
 
     def sample(logits, temperature=params.temperature):
-        return sample_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+        return sample_tokens(logits, temperature=temperature, top_p=params.top_p, generator=generator)
 
     def sample_answer(logits):
         return sample(logits, params.answer_sampling_temperature)
@@ -231,7 +224,7 @@ def search(
         features = captured["features"][0]
         prompt_step_probs = rm.prompt_step_probs(prompt_ids, features, backend)
         cache.batch_repeat_interleave(run.width)
-        rows = SearchRows(rm, prompt_ids, run.width, max_think_tokens, cache,
+        rows = SearchRows(rm, prompt_ids, run.width, params.max_think_tokens, cache,
                      out.logits[:, -1].float().expand(run.width, -1), features[-1].expand(run.width, -1))  # fmt: skip
         rows.subtree = torch.arange(run.width, device=rm.device) // shape.expansions  # DVTS: its first children
         run.forward_seconds += time.perf_counter() - start
@@ -244,7 +237,7 @@ def search(
             if bar is not None:
                 bar.update(1)
             ends = rows.tokens.gather(1, (rows.lengths - 1)[:, None])[:, 0]
-            terminal = (ends == rm.think_end_id) | (rows.lengths >= max_think_tokens)
+            terminal = (ends == rm.think_end_id) | (rows.lengths >= params.max_think_tokens)
             for row in terminal.nonzero().flatten().tolist():
                 finished.append(run.finish(rows, row))
                 done_trees.add(int(rows.subtree[row]))
@@ -266,7 +259,7 @@ def search(
     best = choose_best([c.score for c in candidates], [c.finished for c in candidates])
     answer_start = time.perf_counter()
     answer_ids, answer_fed = rm.answer_candidate(finished[best].cache, 0, prompt_ids, candidates[best],
-                                                 max_answer_tokens, sample_answer)  # fmt: skip
+                                                 params.max_answer_tokens, sample_answer)  # fmt: skip
     answer_seconds = time.perf_counter() - answer_start
     stats = GenerationStats(
         prefill_tokens=len(prompt_ids),

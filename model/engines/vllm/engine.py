@@ -24,7 +24,7 @@ import torch
 
 import sprm_kernels.model.engines.vllm.compat as compat
 from sprm_kernels.model.core.head import SPRMHead
-from sprm_kernels.model.core.params import GenerationParams
+from sprm_kernels.model.core.params import GenerationParams, params_from
 from sprm_kernels.model.core.selection import choose_best
 from sprm_kernels.model.core.steps import scored_positions
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
@@ -183,34 +183,17 @@ class VLLMReflectiveModel:
     # -- generation -------------------------------------------------------------------------------------------
 
     def generate(
-        self,
-        prompt_or_prompts,
-        *,
-        mode: str = "medium",
-        k: int | None = None,
-        max_think_tokens: int = 4096,
-        max_answer_tokens: int = 1024,
-        temperature: float = 0.6,
-        top_p: float = 0.95,
-        answer_temperature: float | None = None,
-        seed: int | None = None,
-        answer_all: bool = False,
-        return_features: bool = False,
-        progress: bool = False,
-        backend: str | None = None,
+        self, prompt_or_prompts, *, progress: bool = False, backend: str | None = None, **options
     ) -> GenerationResult | list[GenerationResult]:
-        """Best-of-k reflective generation, as `ReflectiveModel.generate` (same options, results and choice rule).
+        """Best-of-k reflective generation, as `ReflectiveModel.generate` (same options: the fields of
+        `GenerationParams`; same results and choice rule).
 
         A prompt (a string or a list of {"role", "content"} messages) gives one `GenerationResult`; a list of
         prompts gives a list, all of them generated together. Sampling is vLLM's: for a fixed `seed` the results are
         reproducible on one machine and vLLM version, but they differ from the HF engine's samples.
         `stats` of each result count that prompt's tokens; `stats.seconds` are the whole call's phases.
         """
-        params = GenerationParams(
-            mode=mode, k=k, max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens,
-            temperature=temperature, top_p=top_p, answer_temperature=answer_temperature, seed=seed,
-            return_features=return_features, answer_all=answer_all,
-        )  # fmt: skip
+        params = params_from(GenerationParams, "generate", options)
         _check_backend(backend)
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected a bool, got {progress!r}")
