@@ -1,6 +1,6 @@
 """The README's and docs/' Python examples run as written (each in a fresh interpreter, in an empty folder), and
-every relative link in them points at a file of the checkout. Examples that need a real checkpoint ("path/to/...")
-or vLLM, or that talk to a running server, are not run here (the server's are covered by tests/serving) (docs/vllm.md's run in the vLLM CI step's tests instead)."""
+every relative link in them points at a file of the checkout. Examples that need a real checkpoint ("path/to/..."),
+vLLM or a running server are not run here (tests/serving and tests/engines/vllm cover those paths)."""
 
 from __future__ import annotations
 
