@@ -16,6 +16,8 @@ The parts:
   prompt) over `max_text_chars` characters gets 413 before it is tokenized (`limits.text_char_limit`: it cannot
   fit in the context); tokenization runs in its own thread, never on the event loop, so a long text never stalls
   the other clients.
+- `openai`: `POST /v1/chat/completions` and `GET /v1/models` in OpenAI's format, on the same worker; errors on
+  /v1/ paths in OpenAI's shape (the handlers below are wrapped in `openai_aware`).
 - `run`: uvicorn, and on SIGTERM a drain that answers every request the server has read.
 
 There is no TLS: bind to loopback (the default) or put a TLS-terminating proxy in front. `token` only guards
@@ -40,6 +42,7 @@ from sprm_kernels.model.engines.base import Engine
 from sprm_kernels.model.engines.common import context_limit, generation_options, generation_overflow, token_problem
 from sprm_kernels.model.serving.limits import default_max_body_bytes, longest_token_chars, text_char_limit
 from sprm_kernels.model.serving.middleware import BearerAuth, BodyLimit
+from sprm_kernels.model.serving.openai_api import add_openai_routes, openai_aware
 from sprm_kernels.model.serving.run import RETRY_AFTER_SECONDS, log_to_stderr, run_app
 from sprm_kernels.model.serving.schemas import (
     MAX_K,
@@ -81,7 +84,9 @@ def resolve_generation(model: Engine, prompt, given: dict, limit: int | None) ->
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    # On /v1/ paths every handler answers in OpenAI's error shape instead (`openai.openai_aware`).
     @app.exception_handler(RequestValidationError)
+    @openai_aware
     async def invalid_request(request, error: RequestValidationError):
         # 400 for a body that is not JSON, 422 for JSON of the wrong shape; a readable message, never the input
         # echoed back (it may be a megabyte of text).
@@ -96,10 +101,12 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "; ".join(messages)}, 422)
 
     @app.exception_handler(Overloaded)
+    @openai_aware
     async def overloaded(request, error: Overloaded):
         return JSONResponse({"detail": str(error)}, 503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(ModelCallFailed)
+    @openai_aware
     async def model_call_failed(request, error: ModelCallFailed):
         return JSONResponse({"detail": str(error)}, 500)
 
@@ -202,6 +209,11 @@ def create_app(
             logger.exception("generation failed")
             raise ModelCallFailed(f"generation failed: {type(error).__name__}: {error}") from None
         return generation_json(result, token_ids=request.return_token_ids)
+
+    async def resolve(prompt, given: dict) -> tuple[dict, str | None]:
+        return await off_loop(resolve_generation, model, prompt, given, limit)
+
+    add_openai_routes(app, model, worker.generate, resolve, check_chars)
 
     @app.get("/health")
     async def health() -> dict:
