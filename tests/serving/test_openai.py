@@ -5,10 +5,7 @@ timing: the one that needs the model busy holds it on a threading.Event."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
+from served import running  # noqa: E402
 
 from sprm_kernels.model.engines.common import generation_options  # noqa: E402
 from sprm_kernels.model.engines.registry import load_engine  # noqa: E402
@@ -41,28 +38,6 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def engine(one_torch_thread):
     return load_engine(SHIPPED_DIR, engine="hf", device="cpu", backend="torch")
-
-
-@contextlib.contextmanager
-def running(app, timeout: float = 20.0):
-    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL (as tests/serving/
-    test_server.py's helper of that name)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def client_of(base: str, api_key: str = "unused") -> openai.OpenAI:

@@ -29,7 +29,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
+from served import running  # noqa: E402
 
 from sprm_kernels.model import ReflectiveModel  # noqa: E402
 from sprm_kernels.model.core.tokens import chat_prompt_ids  # noqa: E402
@@ -79,27 +79,6 @@ def make_texts(count: int, seed: int = 0, max_steps: int = 12) -> list[str]:
         )
         texts.add(f"<|user|>{rng.randint(0, 9)}+{rng.randint(0, 9)}<|end|><|assistant|><think>{steps}</think>x")
     return sorted(texts)
-
-
-@contextlib.contextmanager
-def running(app, timeout: float = 20.0):
-    """uvicorn serving `app` in a thread on a free loopback port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
-        assert not thread.is_alive(), "the server did not stop"
 
 
 def health(base: str) -> dict:
