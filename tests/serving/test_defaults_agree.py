@@ -28,9 +28,9 @@ PROMPT = "12+345+6+78+9+10=?"  # a problem of the shipped task (model/shipped/ta
 
 @pytest.fixture
 def recorded_generations(monkeypatch):
-    """The keyword arguments of every `ReflectiveModel.generate` call (the CLI's model and the server's), and the
-    torch backend on CPU for both (the interpreted Triton kernels would only be slower)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """The keyword arguments of every `ReflectiveModel.generate` call (the CLI's model and the server's). Both run
+    the same kernel route (TRITON_INTERPRET is left alone: flipping it mid-session breaks the interpreter for the
+    tests that run after this one)."""
     calls, real_generate = [], ReflectiveModel.generate
 
     def generate(self, prompt, **options):
