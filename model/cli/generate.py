@@ -33,13 +33,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from sprm_kernels.model.engines.base import supports_search
-    from sprm_kernels.model.engines.common import generation_options, generation_overflow
+    from sprm_kernels.model.engines.common import generation_plan
 
     if not args.question.strip():
         raise UsageError("the question is empty")
     model = load_model(args.model, args.device, args.threads, args.engine)
-    options = generation_options(model, args.question, **params_given(args, GenerationParams, GENERATION_OPTIONS))
-    overflow = generation_overflow(model, args.question, options["max_think_tokens"], options["max_answer_tokens"])
+    options, overflow = generation_plan(
+        model, args.question, **params_given(args, GenerationParams, GENERATION_OPTIONS)
+    )
     if overflow:
         raise UsageError(f"--max-think-tokens, --max-answer-tokens: the {overflow}")
     if args.method and not supports_search(model):

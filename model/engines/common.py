@@ -101,20 +101,27 @@ def token_problem(ids: list[int], limit: int | None) -> tuple[int, str] | None:
 def generation_options(engine, prompt_or_messages, **given) -> dict:
     """`generate` / `search` keyword arguments: `given` (None: not given) completed with the model's defaults
     (`core.params.generation_defaults`: the folder's temperature / top_p, budgets fitted to the context). The CLI
-    and the server both call this, so a bare prompt is sampled the same way by `sprm generate` and `POST /generate`."""
+    and the server both get them from `generation_plan`, so a bare prompt is sampled the same way by
+    `sprm generate` and `POST /generate`."""
+    return generation_plan(engine, prompt_or_messages, **given)[0]
+
+
+def generation_plan(
+    engine, prompt_or_messages, *, limit: int | None = None, limit_name: str = "", **given
+) -> tuple[dict, str | None]:
+    """(`generation_options`, why those budgets run past the model's context, or past a tighter `limit`, or
+    None), the prompt tokenized once. `limit_name` (e.g. "--max-text-tokens") is named in the message when the
+    tighter limit is the one exceeded."""
     info = engine.info()
     prompt_tokens = len(engine.prompt_ids(prompt_or_messages))
-    return generation_defaults(info.path, info.context_length, prompt_tokens, given)
-
-
-def generation_overflow(engine, prompt_or_messages, max_think_tokens: int, max_answer_tokens: int) -> str | None:
-    """Why these budgets run past the model's context (positions it was never trained on), or None."""
-    limit = context_limit(engine)
-    prompt_tokens = len(engine.prompt_ids(prompt_or_messages))
-    total = prompt_tokens + max_think_tokens + max_answer_tokens
-    if limit is not None and total > limit:
-        return (
-            f"prompt ({prompt_tokens} tokens) + max_think_tokens + max_answer_tokens = {total}, over the model's "
-            f"context of {limit} tokens"
-        )
-    return None
+    options = generation_defaults(info.path, info.context_length, prompt_tokens, given)
+    total = prompt_tokens + options["max_think_tokens"] + options["max_answer_tokens"]
+    context = info.context_length
+    overflow = None
+    if context is not None and total > context:
+        overflow = f"over the model's context of {context} tokens"
+    elif limit is not None and (context is None or limit < context) and total > limit:
+        overflow = f"over the limit of {limit} tokens" + (f" ({limit_name})" if limit_name else "")
+    if overflow is not None:
+        overflow = f"prompt ({prompt_tokens} tokens) + max_think_tokens + max_answer_tokens = {total}, {overflow}"
+    return options, overflow

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 
 from sprm_kernels.model.core.types import generation_json, score_json
 from sprm_kernels.model.engines.base import Engine
-from sprm_kernels.model.engines.common import context_limit, generation_options, generation_overflow, token_problem
+from sprm_kernels.model.engines.common import context_limit, generation_plan, token_problem
 from sprm_kernels.model.serving.limits import default_max_body_bytes, longest_token_chars, text_char_limit
 from sprm_kernels.model.serving.middleware import BearerAuth, BodyLimit
 from sprm_kernels.model.serving.openai_api import add_openai_routes, openai_aware
@@ -66,20 +66,9 @@ def check_positive_int(name: str, value) -> None:
 def resolve_generation(model: Engine, prompt, given: dict, limit: int | None) -> tuple[dict, str | None]:
     """(`generate`'s keyword arguments, why they run past the limit or None). `given` (None: not given) is completed
     with the model's defaults exactly as `sprm generate` completes its options (`generation_options`), and checked
-    against the model's context (`generation_overflow`) and, when `max_text_tokens` is tighter, against that.
+    against the model's context and, when `max_text_tokens` is tighter, against that (`generation_plan`).
     Tokenizes the prompt: call it off the event loop. ValueError for a prompt the chat template refuses."""
-    options = generation_options(model, prompt, **given)
-    budgets = options["max_think_tokens"], options["max_answer_tokens"]
-    overflow = generation_overflow(model, prompt, *budgets)
-    context = model.info().context_length
-    if overflow is None and limit is not None and (context is None or limit < context):
-        prompt_tokens = len(model.prompt_ids(prompt))
-        total = prompt_tokens + sum(budgets)
-        if total > limit:
-            overflow = (
-                f"prompt ({prompt_tokens} tokens) + max_think_tokens + max_answer_tokens = {total}, over the limit of "
-                f"{limit} tokens (--max-text-tokens)"
-            )
+    options, overflow = generation_plan(model, prompt, limit=limit, limit_name="--max-text-tokens", **given)
     return {"mode": "medium", **options}, overflow
 
 
