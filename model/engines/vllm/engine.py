@@ -20,15 +20,12 @@ import os
 import time
 import uuid
 
-import torch
-
 import sprm_kernels.model.engines.vllm.compat as compat
+import sprm_kernels.model.engines.vllm.rows as rows_
 from sprm_kernels.model.core.head import SPRMHead
 from sprm_kernels.model.core.params import GenerationParams, params_from
-from sprm_kernels.model.core.selection import choose_best
-from sprm_kernels.model.core.steps import scored_positions
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
-from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
+from sprm_kernels.model.core.types import GenerationResult, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
 from sprm_kernels.model.engines.common import (
     check_batch_tokens,
@@ -37,8 +34,7 @@ from sprm_kernels.model.engines.common import (
     rule_token_ids,
     token_lists,
 )
-from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
-from sprm_kernels.torch_ops import clamped_log_sigmoid
+from sprm_kernels.model.engines.vllm.recorder import EXTRA_KEY
 
 
 class VLLMReflectiveModel:
@@ -67,6 +63,8 @@ class VLLMReflectiveModel:
         self.context_length = compat.max_model_len(llm)
         self._dtype = compat.model_dtype(llm)
         self._device = compat.device_name()
+        self.rules = rows_.RowRules(tokenizer, self.think_start_id, self.think_end_id, tuple(self.step_token_ids),
+                                    tuple(self.eos_token_ids), hidden_size, self._dtype)  # fmt: skip
         compat.install_recorder(llm, self.step_token_ids, self.think_start_id)
 
     @classmethod
@@ -139,7 +137,7 @@ class VLLMReflectiveModel:
         todo = [i for i, s in enumerate(sequences) if s]
         if not todo:
             return [ScoreResult(0.0, [] if return_all_scores else None, list(s), []) for s in sequences]
-        positions = self._scored_positions([sequences[i] for i in todo])
+        positions = rows_.positions_of(self.rules, [sequences[i] for i in todo])
         keys = [self._new_key() for _ in todo]
         requests = [
             (sequences[i], compat.sampling_params(max_tokens=1, temperature=0.0, extra_args={EXTRA_KEY: key},
@@ -156,16 +154,9 @@ class VLLMReflectiveModel:
             values, _ = logits[key]
             if any(v is None for v in values):
                 raise RuntimeError(f"sprm: the worker has no step logit for some positions of sequence {i}")
-            value, probs = _score(values)
+            value, probs = rows_.score_values(values)
             results[i] = ScoreResult(value, probs if return_all_scores else None, list(sequences[i]), wanted)
         return results
-
-    def _scored_positions(self, sequences: list[list[int]]) -> list[list[int]]:
-        """docs/method.md §3 on each whole sequence, on the host (the PyTorch route)."""
-        return scored_positions(
-            sequences, step_token_ids=self.step_token_ids, think_start_id=self.think_start_id,
-            think_end_id=self.think_end_id, backend="torch",
-        )  # fmt: skip
 
     def _check_lengths(self, sequences, name: str, extra: int) -> None:
         limit = self.context_length
@@ -222,18 +213,19 @@ class VLLMReflectiveModel:
         keys = [[self._new_key() for _ in range(k)] for _ in range(n)]
         outputs = [[None] * k for _ in range(n)]
         waiting, candidates, best = [k] * n, [None] * n, [None] * n
-        answers, deferred = {}, []
+        answers, deferred = [{} for _ in range(n)], []
         stepper = compat.Stepper(self.llm, progress)
         try:
             rows = [(p, j) for p in range(n) for j in range(k)]
-            thinking = dict(zip(stepper.add([self._think_request(prompt_ids[p], params, p, j, keys[p][j])
-                                            for p, j in rows]), rows, strict=True))  # fmt: skip
+            think = [(prompt_ids[p], rows_.think_sampling(self.rules, params, p, j, keys[p][j])) for p, j in rows]
+            thinking = dict(zip(stepper.add(think), rows, strict=True))
             answering = {}
             while stepper.busy():
                 done = []
                 for request_id, out in stepper.step():
                     if request_id in answering:
-                        answers[answering[request_id]] = out
+                        p, j = answering[request_id]
+                        answers[p][j] = out
                         continue
                     p, j = thinking[request_id]
                     outputs[p][j] = out
@@ -246,8 +238,8 @@ class VLLMReflectiveModel:
                 tick = time.perf_counter()
                 self._select(done, prompt_ids, outputs, keys, params, candidates, best)
                 deferred += [p for p in done if candidates[p] is None]
-                ready = [p for p in done if candidates[p] is not None]
-                requests = self._answer_requests(ready, prompt_ids, candidates, best, params)
+                requests = self._answer_requests([p for p in done if candidates[p] is not None], prompt_ids,
+                                                 candidates, best, params)  # fmt: skip
                 answering.update(zip(stepper.add([r for _, r in requests]), [row for row, _ in requests], strict=True))
                 seconds["select"] += time.perf_counter() - tick
         finally:
@@ -256,130 +248,53 @@ class VLLMReflectiveModel:
             tick = time.perf_counter()
             self._select(deferred, prompt_ids, outputs, keys, params, candidates, best, rescore=True)
             requests = self._answer_requests(deferred, prompt_ids, candidates, best, params)
-            answers.update(
-                zip([row for row, _ in requests], compat.run(self.llm, [r for _, r in requests]), strict=True)
-            )
+            for (p, j), out in zip([row for row, _ in requests], compat.run(self.llm, [r for _, r in requests]),
+                                   strict=True):  # fmt: skip
+                answers[p][j] = out
             seconds["select"] += time.perf_counter() - tick
         seconds["answer"] = time.perf_counter() - clock - seconds["think"] - seconds["select"]
-        return [self._result(p, prompt_ids[p], outputs[p], candidates[p], best[p], answers, params, seconds)
-                for p in range(n)]  # fmt: skip
-
-    def _think_request(self, prompt, params: GenerationParams, p: int, j: int, key: str):
-        sampling = compat.sampling_params(
-            max_tokens=params.max_think_tokens, temperature=params.temperature, top_p=params.top_p,
-            seed=_row_seed(params.seed, p, j, params.num_candidates), stop_token_ids=[self.think_end_id],
-            ignore_eos=True, extra_args={EXTRA_KEY: key, EXTRA_FEATURES: params.return_features},
-        )  # fmt: skip
-        return prompt, sampling
+        return [
+            rows_.result_of(self.rules, params, prompt_ids[p], outputs[p], candidates[p], best[p], answers[p], seconds)
+            for p in range(n)
+        ]
 
     def _select(self, prompts, prompt_ids, outputs, keys, params, candidates, best, rescore=False) -> None:
         """Candidates and choice of each prompt in `prompts` (written into `candidates`, `best`), from the logits the
         worker kept at exactly the positions the rule scores. A prompt with a scored position that the prefix
         cache served (no logit) is left None unless `rescore`, which scores its rows by prefill-only requests."""
-        rows = [(p, j) for p in prompts for j in range(params.num_candidates)]
+        k = params.num_candidates
+        rows = [(p, j) for p in prompts for j in range(k)]
         sequences = [prompt_ids[p] + list(outputs[p][j].token_ids) for p, j in rows]
-        positions = self._scored_positions(sequences)
-        wanted = {keys[p][j]: where for (p, j), where in zip(rows, positions, strict=True)}
-        fetched = {} if rescore else compat.fetch(self.llm, wanted, features=params.return_features)
+        positions = rows_.positions_of(self.rules, sequences)
         if rescore:
             if params.return_features:
                 raise RuntimeError("sprm: return_features with scored prompt positions served by the prefix cache")
             scored = self._score_sequences(sequences, True)
-        by_prompt = {p: [] for p in prompts}
-        for i, ((p, j), sequence, where) in enumerate(zip(rows, sequences, positions, strict=True)):
-            if rescore:
-                value, probs = scored[i].value, scored[i].all_scores
-                features = None
+        else:
+            wanted = {keys[p][j]: where for (p, j), where in zip(rows, positions, strict=True)}
+            by_key = compat.fetch(self.llm, wanted, features=params.return_features)
+            fetched = [by_key[keys[p][j]] for p, j in rows]
+        for i, p in enumerate(prompts):
+            lo, hi = i * k, (i + 1) * k
+            responses = [sequences[r][len(prompt_ids[p]) :] for r in range(lo, hi)]
+            if rescore:  # the scored probabilities, as logits would give them: exact scores from the prefill
+                picked = zip(responses, positions[lo:hi], scored[lo:hi], strict=True)
+                cs = [
+                    rows_.candidate(self.rules, response, where, s.value, s.all_scores) for response, where, s in picked
+                ]
             else:
-                values, features = fetched[keys[p][j]]
-                if any(v is None for v in values):
-                    by_prompt[p] = None
-                if by_prompt[p] is None:
-                    continue
-                value, probs = _score(values)
-                if params.return_features:
-                    rows_h = torch.tensor(features, dtype=torch.float32).reshape(len(where), self.hidden_size)
-                    features = rows_h.to(compat.torch_dtype(self._dtype))
-            response = sequence[len(prompt_ids[p]) :]
-            by_prompt[p].append(
-                Candidate(
-                    token_ids=response,
-                    text=self.tokenizer.decode(response, skip_special_tokens=False),
-                    score=value,
-                    step_scores=probs,
-                    score_positions=where,
-                    finished=bool(response) and response[-1] == self.think_end_id,
-                    step_features=features,
-                )
-            )
-        for p, cs in by_prompt.items():
+                cs = rows_.candidates_from_logits(self.rules, responses, positions[lo:hi], fetched[lo:hi])
             candidates[p] = cs
             if cs is not None:
-                best[p] = choose_best([c.score for c in cs], [c.finished for c in cs])
+                best[p] = rows_.choose(cs)
 
     def _answer_requests(self, prompts, prompt_ids, candidates, best, params):
         """((prompt, row), request) of each answer to write: the chosen row's, or every row's with answer_all."""
-        if params.max_answer_tokens == 0:
-            return []
         requests = []
         for p in prompts:
-            for j, candidate in enumerate(candidates[p]):
-                if not (params.answer_all or j == best[p]):
-                    continue
-                ids = prompt_ids[p] + candidate.token_ids + ([] if candidate.finished else [self.think_end_id])
-                sampling = compat.sampling_params(
-                    max_tokens=params.max_answer_tokens, temperature=params.answer_sampling_temperature,
-                    top_p=params.top_p, seed=_row_seed(params.seed, p, j, params.num_candidates, answer=True),
-                    stop_token_ids=self.eos_token_ids,
-                )  # fmt: skip
-                requests.append(((p, j), (ids, sampling)))
+            answers = rows_.answer_requests(self.rules, params, p, prompt_ids[p], candidates[p], best[p])
+            requests += [((p, j), request) for j, request in answers]
         return requests
-
-    def _result(self, p, prompt, outs, cs, best, answers, params, seconds) -> GenerationResult:
-        answer_fed = answer_cached = 0
-        for j, candidate in enumerate(cs):
-            out = answers.get((p, j))
-            ids = [] if out is None else list(out.token_ids)
-            if out is not None:
-                fed = len(prompt) + len(candidate.token_ids) + (0 if candidate.finished else 1)
-                answer_fed += fed - out.num_cached_tokens + max(len(ids) - 1, 0)
-                answer_cached += out.num_cached_tokens
-            if params.answer_all:
-                candidate.answer_token_ids = ids
-                candidate.answer = self.tokenizer.decode(ids, skip_special_tokens=True)
-        chosen = answers.get((p, best))
-        chosen_ids = [] if chosen is None else list(chosen.token_ids)
-        stats = GenerationStats(
-            prefill_tokens=sum(len(prompt) - o.num_cached_tokens for o in outs),
-            think_decode_tokens=sum(max(len(c.token_ids) - 1, 0) for c in cs),
-            think_generated_tokens=sum(len(c.token_ids) for c in cs),
-            answer_decode_tokens=answer_fed,
-            seconds=dict(seconds),
-            answer_cached_tokens=answer_cached,
-        )
-        return GenerationResult(
-            candidates=cs,
-            best=best,
-            answer=self.tokenizer.decode(chosen_ids, skip_special_tokens=True),
-            answer_token_ids=chosen_ids,
-            prompt_token_ids=prompt,
-            stats=stats,
-        )
-
-
-def _score(logits: list[float]) -> tuple[float, list[float]]:
-    """(score, step probabilities) from the head's logits at the scored positions, in fp32 as `sprm_score`."""
-    if not logits:
-        return 0.0, []
-    z = torch.tensor(logits, dtype=torch.float32)
-    return clamped_log_sigmoid(z).mean().exp().item(), torch.sigmoid(z).tolist()
-
-
-def _row_seed(seed: int | None, prompt: int, row: int, k: int, *, answer: bool = False) -> int | None:
-    """Each request's own seed: distinct rows sample differently; None stays unseeded."""
-    if seed is None:
-        return None
-    return (seed * 1_000_003 + 2 * (prompt * k + row) + int(answer)) % (2**63)
 
 
 def _check_backend(backend) -> None:

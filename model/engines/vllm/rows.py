@@ -1,0 +1,149 @@
+"""What the synchronous (`engine.py`) and the asynchronous (`async_engine.py`) vLLM engines share: the requests
+of a prompt's thinking rows and answers, its candidates from the logits the worker kept, and its result.
+
+`RowRules` is what these functions need to know of the model (tokenizer, marker ids, the EOS ids, H, dtype); the
+engines build one at load time. Nothing here talks to vLLM's engine: the callers submit the requests and fetch the
+logits, each in its own way (a stepping loop, or asyncio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import sprm_kernels.model.engines.vllm.compat as compat
+from sprm_kernels.model.core.params import GenerationParams
+from sprm_kernels.model.core.selection import choose_best
+from sprm_kernels.model.core.steps import scored_positions
+from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
+from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
+from sprm_kernels.torch_ops import clamped_log_sigmoid
+
+
+@dataclass(frozen=True)
+class RowRules:
+    tokenizer: object
+    think_start_id: int
+    think_end_id: int
+    step_token_ids: tuple[int, ...]
+    eos_token_ids: tuple[int, ...]
+    hidden_size: int
+    dtype: str  # the model's dtype name ("float32", "bfloat16", ...): returned features take it
+
+
+def row_seed(seed: int | None, prompt: int, row: int, k: int, *, answer: bool = False) -> int | None:
+    """Each request's own seed: distinct rows sample differently; None stays unseeded."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + 2 * (prompt * k + row) + int(answer)) % (2**63)
+
+
+def think_sampling(rules: RowRules, params: GenerationParams, p: int, j: int, key: str):
+    """Row j of prompt p: samples up to `max_think_tokens`, stops at `</think>`, the worker records it under `key`."""
+    return compat.sampling_params(
+        max_tokens=params.max_think_tokens, temperature=params.temperature, top_p=params.top_p,
+        seed=row_seed(params.seed, p, j, params.num_candidates), stop_token_ids=[rules.think_end_id],
+        ignore_eos=True, extra_args={EXTRA_KEY: key, EXTRA_FEATURES: params.return_features},
+    )  # fmt: skip
+
+
+def positions_of(rules: RowRules, sequences: list[list[int]]) -> list[list[int]]:
+    """docs/method.md §3 on each whole sequence, on the host (the PyTorch route)."""
+    return scored_positions(
+        sequences, step_token_ids=rules.step_token_ids, think_start_id=rules.think_start_id,
+        think_end_id=rules.think_end_id, backend="torch",
+    )  # fmt: skip
+
+
+def score_values(logits: list[float]) -> tuple[float, list[float]]:
+    """(score, step probabilities) from the head's logits at the scored positions, in fp32 as `sprm_score`."""
+    if not logits:
+        return 0.0, []
+    z = torch.tensor(logits, dtype=torch.float32)
+    return clamped_log_sigmoid(z).mean().exp().item(), torch.sigmoid(z).tolist()
+
+
+def candidate(rules: RowRules, response: list[int], where: list[int], value: float, probs, features=None):
+    """One thinking row as a `Candidate`; `features`: the fetched [n][H] float lists, or None."""
+    if features is not None:
+        rows = torch.tensor(features, dtype=torch.float32).reshape(len(where), rules.hidden_size)
+        features = rows.to(compat.torch_dtype(rules.dtype))
+    return Candidate(
+        token_ids=list(response),
+        text=rules.tokenizer.decode(response, skip_special_tokens=False),
+        score=value,
+        step_scores=probs,
+        score_positions=where,
+        finished=bool(response) and response[-1] == rules.think_end_id,
+        step_features=features,
+    )
+
+
+def candidates_from_logits(rules: RowRules, responses, positions, fetched) -> list[Candidate] | None:
+    """A prompt's candidates from the worker's `(logits, rows)` per row, or None when a scored position has no
+    logit (a prompt position the prefix cache served: the caller scores those rows by prefill-only requests)."""
+    out = []
+    for response, where, (values, features) in zip(responses, positions, fetched, strict=True):
+        if any(v is None for v in values):
+            return None
+        value, probs = score_values(values)
+        out.append(candidate(rules, response, where, value, probs, features))
+    return out
+
+
+def choose(candidates: list[Candidate]) -> int:
+    return choose_best([c.score for c in candidates], [c.finished for c in candidates])
+
+
+def answer_requests(rules: RowRules, params: GenerationParams, p: int, prompt, candidates, best: int) -> list:
+    """(row, (ids, SamplingParams)) of each answer of prompt p to write: the chosen row's, or every row's with
+    answer_all. The ids are prompt + thinking (+ `</think>` for an unfinished row): the prefix cache serves them."""
+    if params.max_answer_tokens == 0:
+        return []
+    requests = []
+    for j, c in enumerate(candidates):
+        if not (params.answer_all or j == best):
+            continue
+        ids = list(prompt) + c.token_ids + ([] if c.finished else [rules.think_end_id])
+        sampling = compat.sampling_params(
+            max_tokens=params.max_answer_tokens, temperature=params.answer_sampling_temperature,
+            top_p=params.top_p, seed=row_seed(params.seed, p, j, params.num_candidates, answer=True),
+            stop_token_ids=list(rules.eos_token_ids),
+        )  # fmt: skip
+        requests.append((j, (ids, sampling)))
+    return requests
+
+
+def result_of(rules: RowRules, params, prompt, thinks, candidates, best, answers: dict, seconds) -> GenerationResult:
+    """The prompt's `GenerationResult`. thinks: the k thinking completions (with `num_cached_tokens`); answers:
+    row -> answer completion."""
+    answer_fed = answer_cached = 0
+    for j, c in enumerate(candidates):
+        out = answers.get(j)
+        ids = [] if out is None else list(out.token_ids)
+        if out is not None:
+            fed = len(prompt) + len(c.token_ids) + (0 if c.finished else 1)
+            answer_fed += fed - out.num_cached_tokens + max(len(ids) - 1, 0)
+            answer_cached += out.num_cached_tokens
+        if params.answer_all:
+            c.answer_token_ids = ids
+            c.answer = rules.tokenizer.decode(ids, skip_special_tokens=True)
+    chosen = answers.get(best)
+    chosen_ids = [] if chosen is None else list(chosen.token_ids)
+    stats = GenerationStats(
+        prefill_tokens=sum(len(prompt) - o.num_cached_tokens for o in thinks),
+        think_decode_tokens=sum(max(len(c.token_ids) - 1, 0) for c in candidates),
+        think_generated_tokens=sum(len(c.token_ids) for c in candidates),
+        answer_decode_tokens=answer_fed,
+        seconds=dict(seconds),
+        answer_cached_tokens=answer_cached,
+    )
+    return GenerationResult(
+        candidates=candidates,
+        best=best,
+        answer=rules.tokenizer.decode(chosen_ids, skip_special_tokens=True),
+        answer_token_ids=chosen_ids,
+        prompt_token_ids=list(prompt),
+        stats=stats,
+    )
