@@ -43,6 +43,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -93,9 +103,9 @@ def check_head_folder(path: str, option: str = "--bce-head") -> None:
         raise UsageError(f"{option} {path}: no SPRM head ({PT_NAME} or {SAFETENSORS_NAME})")
 
 
-def load_model(path: str, device: str | None, threads: int | None = None, engine: str = "hf"):
-    """`load_engine` (an `Engine`: ReflectiveModel for "hf"), with a one-line UsageError for a missing or malformed
-    folder; then `set_threads`."""
+def load_model(path: str, device: str | None, threads: int | None = None, engine: str = "hf", serving: bool = False):
+    """`load_engine` (an `Engine`: ReflectiveModel for "hf"; `serving`: the server's variant), with a one-line
+    UsageError for a missing or malformed folder; then `set_threads`."""
     check_model_folder(path)
     # The folder is local: keep the Hub client offline, so a missing file is an error, never a download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,7 +113,7 @@ def load_model(path: str, device: str | None, threads: int | None = None, engine
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bars on a command's stderr
     try:
-        model = load_engine(path, engine=engine, device=device)
+        model = load_engine(path, engine=engine, serving=serving, device=device)
     except Exception as error:  # a malformed folder fails in many ways (json, safetensors, tokenizer, head shape)
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--model {path}: cannot load the model: {message}") from None

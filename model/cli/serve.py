@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sprm_kernels.model.cli.common import UsageError, add_model_options, load_model, positive_int
+from sprm_kernels.model.cli.common import UsageError, add_model_options, load_model, positive_float, positive_int
 
 NAME = "serve"
 
@@ -49,6 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer TOKEN' (default $SPRM_SERVER_TOKEN; the environment "
         "keeps it out of the process list; an empty token is refused)",
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds a request may run before it is cancelled and answered 504 (--engine vllm; default %(default)s)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true", help="one log line per request (default: per batch)")
 
@@ -70,11 +76,11 @@ def run(args) -> int:
             "--token: expected a non-empty token, got an empty one (from --token or $SPRM_SERVER_TOKEN); it would "
             "turn authentication off: unset SPRM_SERVER_TOKEN to serve without a token"
         )
-    model = load_model(args.model, args.device, args.threads, args.engine)
+    model = load_model(args.model, args.device, args.threads, args.engine, serving=True)
     serve(
         model, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
         max_text_tokens=args.max_text_tokens, max_body_bytes=args.max_body_bytes, token=args.token,
-        log_level=args.log_level, access_log=args.access_log,
+        request_timeout=args.request_timeout, log_level=args.log_level, access_log=args.access_log,
     )  # fmt: skip
     return 0
 

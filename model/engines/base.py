@@ -95,6 +95,23 @@ class SupportsClose(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SupportsAsync(Protocol):
+    """Coroutines for servers: concurrent calls share one continuously batched engine, and cancelling a call aborts
+    its requests. `astream` yields `("reasoning", candidates, best)`, `("answer", token_ids so far)` and last
+    `("result", GenerationResult)`."""
+
+    async def agenerate(self, prompt_or_messages, **options) -> GenerationResult: ...
+
+    async def ascore(self, texts_or_token_ids, *, return_all_scores: bool = False, batch_tokens: int = 16384): ...
+
+    def astream(self, prompt_or_messages, **options): ...
+
+
+def supports_async(engine) -> bool:
+    return isinstance(engine, SupportsAsync)
+
+
 def supports_search(engine) -> bool:
     return isinstance(engine, SupportsSearch)
 

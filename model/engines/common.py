@@ -10,13 +10,21 @@ from collections.abc import Sequence
 import torch
 
 from sprm_kernels.model.core.params import generation_defaults
-from sprm_kernels.model.core.tokens import chat_prompt_ids, check_round_trip, step_token_ids, think_marker_ids
+from sprm_kernels.model.core.tokens import (
+    chat_prompt_ids,
+    check_round_trip,
+    resolve_lang,
+    step_token_ids,
+    think_marker_ids,
+)
 
 
 def rule_token_ids(tokenizer, lang: str = "en") -> tuple[int, int, list[int]]:
     """(think start id, think end id, step token ids) of a tokenizer: the ids the scoring rule reads. Checked to
     round-trip (decode then encode gives the same ids), so that a text scored as text and as ids scores the same;
-    every engine takes its rule ids from here."""
+    every engine takes its rule ids from here. `lang` "en" (the default) gives way to the step-token choice the
+    tokenizer's folder records (`core.tokens.resolve_lang`: `sprm_step_tokens` in tokenizer_config.json)."""
+    lang = resolve_lang(tokenizer, lang)
     think_start_id, think_end_id = think_marker_ids(tokenizer)
     step_ids = step_token_ids(tokenizer, lang)
     check_round_trip(tokenizer, (think_start_id, think_end_id), step_ids, lang)

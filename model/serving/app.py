@@ -33,13 +33,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from sprm_kernels.model.core.types import generation_json, score_json
-from sprm_kernels.model.engines.base import Engine
+from sprm_kernels.model.engines.base import Engine, supports_async
 from sprm_kernels.model.engines.common import context_limit, generation_plan, token_problem
+from sprm_kernels.model.serving.async_worker import AsyncWorker
+from sprm_kernels.model.serving.disconnect import ClientGone, unless_disconnected
 from sprm_kernels.model.serving.limits import default_max_body_bytes, longest_token_chars, text_char_limit
 from sprm_kernels.model.serving.middleware import BearerAuth, BodyLimit
 from sprm_kernels.model.serving.openai_api import add_openai_routes, openai_aware
@@ -51,7 +53,7 @@ from sprm_kernels.model.serving.schemas import (
     ScoreRequest,
     given_options,
 )
-from sprm_kernels.model.serving.worker import ModelCallFailed, ModelWorker, Overloaded
+from sprm_kernels.model.serving.worker import ModelCallFailed, ModelWorker, Overloaded, TimedOut
 
 __all__ = ["MAX_K", "create_app", "default_max_body_bytes", "longest_token_chars", "serve", "text_char_limit"]
 
@@ -94,6 +96,15 @@ def add_error_handlers(app: FastAPI) -> None:
     async def overloaded(request, error: Overloaded):
         return JSONResponse({"detail": str(error)}, 503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
+    @app.exception_handler(TimedOut)
+    @openai_aware
+    async def timed_out(request, error: TimedOut):
+        return JSONResponse({"detail": str(error)}, 504)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, error: ClientGone):
+        return JSONResponse({"detail": str(error)}, 499)  # nginx's "client closed request": no one reads it
+
     @app.exception_handler(ModelCallFailed)
     @openai_aware
     async def model_call_failed(request, error: ModelCallFailed):
@@ -108,11 +119,18 @@ def create_app(
     max_text_tokens: int | None = None,
     max_body_bytes: int | None = None,
     token: str | None = None,
+    request_timeout: float | None = None,
 ) -> FastAPI:
     """The FastAPI app around an already loaded model. `max_text_tokens`: the longest text accepted (default the
     model's `max_position_embeddings`); `max_body_bytes`: the largest request body (default
     `default_max_body_bytes`); `token`: require `Authorization: Bearer <token>` on every request (a non-empty
-    string: an empty one would turn authentication off without a word, so it is refused)."""
+    string: an empty one would turn authentication off without a word, so it is refused); `request_timeout`: seconds
+    a request may run on an engine with coroutines (`engines.base.SupportsAsync`) before it is cancelled (504).
+
+    An engine with coroutines (`sprm serve --engine vllm`: vLLM's async engine) gets `AsyncWorker`: every request
+    goes into the engine at once and a client that disconnects has its requests aborted. Any other engine (the HF
+    engine) gets `ModelWorker`: one model call at a time, score requests batched; a disconnect frees the request,
+    not the model call already running."""
     check_positive_int("max_batch_tokens", max_batch_tokens)
     check_positive_int("max_queue", max_queue)
     if token is not None and (not isinstance(token, str) or not token.strip()):
@@ -122,7 +140,12 @@ def create_app(
     if max_body_bytes is None:
         max_body_bytes = default_max_body_bytes(max_text_chars)
     check_positive_int("max_body_bytes", max_body_bytes)
-    worker = ModelWorker(model, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
+    if request_timeout is not None and (isinstance(request_timeout, bool) or not request_timeout > 0):
+        raise ValueError(f"request_timeout: expected a positive number of seconds or None, got {request_timeout!r}")
+    if supports_async(model):
+        worker = AsyncWorker(model, max_queue=max_queue, request_timeout=request_timeout)
+    else:
+        worker = ModelWorker(model, max_batch_tokens=max_batch_tokens, max_queue=max_queue)
     # Tokenization runs here, off the event loop; one thread, so the tokenizer is never used by two requests at once.
     tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sprm-tokenize")
 
@@ -176,7 +199,7 @@ def create_app(
         return {"results": [score_json(result, request.return_all_scores) for result in results]}
 
     @app.post("/generate")
-    async def generate(request: GenerateRequest) -> dict:
+    async def generate(request: GenerateRequest, http: Request) -> dict:
         prompt = request.prompt if request.prompt is not None else [m.model_dump() for m in request.messages]
         if request.prompt is not None:
             check_chars("prompt", len(request.prompt))
@@ -189,10 +212,10 @@ def create_app(
         if overflow is not None:
             raise HTTPException(413, overflow)
         try:
-            result = await worker.generate(prompt, **options)
+            result = await unless_disconnected(http, worker.generate(prompt, **options))
         except ValueError as error:  # an argument the request model let through and `generate` refused
             raise HTTPException(422, str(error)) from None
-        except (Overloaded, HTTPException):
+        except (Overloaded, HTTPException, TimedOut, ClientGone):
             raise
         except Exception as error:
             logger.exception("generation failed")
@@ -202,7 +225,7 @@ def create_app(
     async def resolve(prompt, given: dict) -> tuple[dict, str | None]:
         return await off_loop(resolve_generation, model, prompt, given, limit)
 
-    add_openai_routes(app, model, worker.generate, resolve, check_chars)
+    add_openai_routes(app, model, worker, resolve, check_chars)
 
     @app.get("/health")
     async def health() -> dict:
@@ -237,6 +260,7 @@ def serve(
     max_text_tokens: int | None = None,
     max_body_bytes: int | None = None,
     token: str | None = None,
+    request_timeout: float | None = None,
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
@@ -244,7 +268,7 @@ def serve(
     log_to_stderr(log_level)
     app = create_app(
         model, max_batch_tokens=max_batch_tokens, max_queue=max_queue, max_text_tokens=max_text_tokens,
-        max_body_bytes=max_body_bytes, token=token,
+        max_body_bytes=max_body_bytes, token=token, request_timeout=request_timeout,
     )  # fmt: skip
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --token: anyone who can reach this port can use the model", host)

@@ -38,9 +38,10 @@ from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.selection import resolve_k
 from sprm_kernels.model.core.types import finite_or_none
 from sprm_kernels.model.engines.base import Engine
+from sprm_kernels.model.serving.disconnect import ClientGone, unless_disconnected, until_disconnected
 from sprm_kernels.model.serving.run import RETRY_AFTER_SECONDS
 from sprm_kernels.model.serving.schemas import MAX_K, request_field
-from sprm_kernels.model.serving.worker import ModelCallFailed, Overloaded
+from sprm_kernels.model.serving.worker import ModelCallFailed, Overloaded, TimedOut
 
 logger = logging.getLogger("sprm.server")
 
@@ -141,6 +142,8 @@ def openai_error_for(error: Exception) -> JSONResponse:
         return error_response(error.status_code, str(error.detail), headers=error.headers)
     if isinstance(error, ModelCallFailed):
         return error_response(500, str(error))
+    if isinstance(error, TimedOut):
+        return error_response(504, str(error), code="timeout")
     return error_response(500, f"{type(error).__name__}: {error}")
 
 
@@ -252,31 +255,53 @@ def completion_json(head: dict, choices: list[dict], usage: dict, sprm: dict) ->
     }
 
 
+class TextPieces:
+    """What each longer prefix of an answer's ids adds to its text, held back while the text ends in a partial
+    character, so the pieces always add up to `decode(ids)` once `finish` is called."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.sent = tokenizer, ""
+
+    def update(self, ids: list[int], final: bool = False) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.startswith(self.sent) or (text.endswith("\ufffd") and not final):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+
 def answer_pieces(tokenizer, ids: list[int]) -> Iterator[str]:
-    """The answer's text one token at a time: each piece is what one more token adds to the decoded prefix, held
-    back while it ends in a partial character, so the pieces always add up to `decode(ids)`."""
-    sent = ""
+    """The answer's text one token at a time (`TextPieces`)."""
+    pieces = TextPieces(tokenizer)
     for end in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-        if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-            yield text[len(sent) :]
-            sent = text
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if text != sent and text.startswith(sent):
-        yield text[len(sent) :]
+        piece = pieces.update(ids[:end], final=end == len(ids))
+        if piece:
+            yield piece
 
 
-def stream_events(tokenizer, head: dict, choices: list[dict], usage: dict, sprm: dict, include_usage: bool):
-    """The Server-Sent Events of a finished completion, in OpenAI's `chat.completion.chunk` format."""
+def sse(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def chunk_makers(head: dict, include_usage: bool):
+    """(event(choices, **extra) -> an SSE line of a `chat.completion.chunk`, delta(index, finish, **fields))."""
 
     def event(delta_choices: list[dict], **extra) -> str:
         chunk = {**head, "object": "chat.completion.chunk", "choices": delta_choices, **extra}
         if include_usage:
             chunk.setdefault("usage", None)
-        return f"data: {json.dumps(chunk)}\n\n"
+        return sse(chunk)
 
     def delta(index: int, finish: str | None = None, **fields_) -> list[dict]:
         return [{"index": index, "delta": fields_, "finish_reason": finish}]
+
+    return event, delta
+
+
+def stream_events(tokenizer, head: dict, choices: list[dict], usage: dict, sprm: dict, include_usage: bool):
+    """The Server-Sent Events of a finished completion, in OpenAI's `chat.completion.chunk` format."""
+
+    event, delta = chunk_makers(head, include_usage)
 
     for index, choice in enumerate(choices):
         yield event(delta(index, role="assistant", content=""))
@@ -288,6 +313,30 @@ def stream_events(tokenizer, head: dict, choices: list[dict], usage: dict, sprm:
     if include_usage:
         yield event([], usage=usage)
     yield "data: [DONE]\n\n"
+
+
+def error_of(error: Exception) -> Exception:
+    """A model call's exception as the server answers it: its own kinds kept, a refused argument a 400, anything
+    else a 500 that names it."""
+    if isinstance(error, (Overloaded, TimedOut, ClientGone, OpenAIError, ModelCallFailed)):
+        return error
+    if isinstance(error, ValueError):  # an argument the request model let through and `generate` refused
+        return OpenAIError(400, str(error))
+    return ModelCallFailed(f"generation failed: {type(error).__name__}: {error}")
+
+
+def error_body(error: Exception) -> dict:
+    return json.loads(openai_error_for(error).body)
+
+
+async def model_call(coro):
+    try:
+        return await coro
+    except Exception as error:
+        mapped = error_of(error)
+        if isinstance(mapped, ModelCallFailed):
+            logger.exception("chat completion failed")
+        raise mapped from None
 
 
 # -- routes -------------------------------------------------------------------------------------------------------
@@ -321,12 +370,13 @@ def given_options(request) -> dict:
 def add_openai_routes(
     app: FastAPI,
     model: Engine,
-    generate: Callable[..., Awaitable],
+    worker,
     resolve: Callable[[list, dict], Awaitable[tuple[dict, str | None]]],
     check_chars: Callable[[str, int], None],
 ) -> None:
-    """The /v1/ routes. `generate(prompt, **options)`: the worker's; `resolve(messages, given)`: (generate's keyword
-    arguments, overflow message or None), run off the event loop; `check_chars(what, chars)`: the text bound."""
+    """The /v1/ routes. `worker`: the server's (`generate(prompt, **options)` and `stream(prompt, **options)`, the
+    events of `engines.base.SupportsAsync.astream`); `resolve(messages, given)`: (generate's keyword arguments,
+    overflow message or None), run off the event loop; `check_chars(what, chars)`: the text bound."""
     model_name = model.info().model_name
 
     @app.get("/v1/models")
@@ -334,7 +384,7 @@ def add_openai_routes(
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": OWNED_BY}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         given = given_options(request)
         try:
@@ -347,24 +397,54 @@ def add_openai_routes(
             raise OpenAIError(400, str(error), param="messages") from None
         if overflow is not None:
             raise OpenAIError(413, overflow, param="max_completion_tokens", code="context_length_exceeded")
-        try:
-            result = await generate(messages, **options)
-        except ValueError as error:  # an argument the request model let through and `generate` refused
-            raise OpenAIError(400, str(error)) from None
-        except Overloaded:
-            raise
-        except Exception as error:
-            logger.exception("chat completion failed")
-            raise ModelCallFailed(f"generation failed: {type(error).__name__}: {error}") from None
-        choices = choices_of(model, result, request.n, options["max_answer_tokens"])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": request.model or model_name}
-        usage = usage_of(result, choices)
-        sprm = sprm_of(result, choices, request.sprm is not None and request.sprm.return_candidates)
+        return_candidates = request.sprm is not None and request.sprm.return_candidates
+        budget = options["max_answer_tokens"]
+
+        def finished(result) -> tuple[list[dict], dict, dict]:
+            choices = choices_of(model, result, request.n, budget)
+            return choices, usage_of(result, choices), sprm_of(result, choices, return_candidates)
+
         if not request.stream:
-            return completion_json(head, choices, usage, sprm)
+            result = await model_call(unless_disconnected(http, worker.generate(messages, **options)))
+            return completion_json(head, *finished(result))
         include_usage = request.stream_options is not None and request.stream_options.include_usage
-        events = stream_events(model.tokenizer, head, choices, usage, sprm, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        events = worker.stream(messages, **options)
+        # The first event (the reasoning, once chosen) before the response starts: an error until then (queue
+        # full, timeout) is still an HTTP status the client's library raises.
+        first = await model_call(unless_disconnected(http, anext(events)))
+
+        async def chunks():
+            if request.n > 1:  # n answers: streamed once all are decoded
+                async for event in until_disconnected(http, events):
+                    if event[0] == "result":
+                        for line in stream_events(model.tokenizer, head, *finished(event[1]), include_usage):
+                            yield line
+                return
+            event, delta = chunk_makers(head, include_usage)
+            _, candidates, best = first
+            yield event(delta(0, role="assistant", content=""))
+            yield event(delta(0, reasoning_content=thinking_text(model, candidates[best].text)))
+            pieces = TextPieces(model.tokenizer)
+            try:
+                async for kind, *payload in until_disconnected(http, events):
+                    if kind == "answer":
+                        piece = pieces.update(payload[0])
+                    elif kind == "result":
+                        choices, usage, sprm = finished(payload[0])
+                        piece = pieces.update(choices[0]["answer_ids"], final=True)
+                    if piece:
+                        yield event(delta(0, content=piece))
+                    if kind == "result":
+                        yield event(delta(0, choices[0]["finish_reason"]), sprm=sprm)
+                        if include_usage:
+                            yield event([], usage=usage)
+                        yield "data: [DONE]\n\n"
+            except Exception as error:  # after the headers: the error as a chunk, as OpenAI's streams send it
+                logger.exception("chat completion stream failed")
+                yield sse(error_body(error_of(error)))
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, error: OpenAIError):

@@ -40,6 +40,10 @@ class ModelCallFailed(Exception):
     """A model call raised: answered 500 with this message."""
 
 
+class TimedOut(Exception):
+    """A request ran past the server's `request_timeout`: answered 504; its work was cancelled."""
+
+
 @dataclass
 class ServerStats:
     accepted: int = 0  # texts and generations admitted since the start (a 503 is not admitted)
@@ -50,6 +54,8 @@ class ServerStats:
     failed_batches: int = 0  # batches that raised and were retried one text at a time
     failed_texts: int = 0
     generations: int = 0
+    cancelled: int = 0  # requests whose client went away (or were cancelled) before the answer (async worker)
+    timed_out: int = 0  # requests cut at the server's request_timeout (async worker)
 
 
 @dataclass
@@ -119,6 +125,15 @@ class ModelWorker:
         logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
                     result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
         return result
+
+    async def stream(self, prompt, **options):
+        """`generate`, then its result as the events of `engines.base.SupportsAsync.astream`: this worker's model
+        call is not incremental, so they all come once the generation is done."""
+        result = await self.generate(prompt, **options)
+        yield "reasoning", result.candidates, result.best
+        for end in range(1, len(result.answer_token_ids)):  # one token at a time, as an incremental engine does
+            yield "answer", list(result.answer_token_ids[:end])
+        yield "result", result
 
     async def _in_worker(self, call: Callable):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)

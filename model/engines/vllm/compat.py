@@ -82,13 +82,12 @@ def triton_ready() -> bool:
     return triton_available()
 
 
-def make_llm(path: str, *, dtype=None, **engine_args):
-    """A `vllm.LLM` on the folder with the SPRM model class, the worker extension and prefix caching."""
+def engine_arguments(path: str, *, dtype=None, **engine_args) -> dict:
+    """Keyword arguments of `vllm.LLM` / `AsyncEngineArgs` for the folder: the SPRM model class, the worker
+    extension, prefix caching, and the CPU or CUDA settings the head's recording needs."""
     # vLLM logs to stdout by default, which would mix with a command's output (`sprm generate --json`): stderr,
     # unless the user chose. Set before vLLM's first import (its logging is configured then, in every process).
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    from vllm import LLM
-
     register()
     with open(os.path.join(path, "config.json")) as f:
         architectures = json.load(f).get("architectures") or []
@@ -107,13 +106,31 @@ def make_llm(path: str, *, dtype=None, **engine_args):
     elif not engine_args.get("enforce_eager"):  # full graphs replay no Python: the head's outputs would not arrive
         kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     kwargs.update(engine_args)
-    return LLM(
+    return dict(
         model=path,
         dtype=dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
         hf_overrides={"architectures": [arch]},
         worker_extension_cls=WORKER_EXTENSION,
         **kwargs,
     )
+
+
+def make_llm(path: str, *, dtype=None, **engine_args):
+    """A `vllm.LLM` on the folder (`engine_arguments`)."""
+    arguments = engine_arguments(path, dtype=dtype, **engine_args)
+    from vllm import LLM
+
+    return LLM(**arguments)
+
+
+def make_async_llm(path: str, *, dtype=None, **engine_args):
+    """A `vllm.v1.engine.async_llm.AsyncLLM` on the folder (`engine_arguments`). Call it on the event loop that
+    will use it (its client's sockets belong to that loop)."""
+    arguments = engine_arguments(path, dtype=dtype, **engine_args)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
 
 
 def device_name() -> str:
@@ -130,17 +147,23 @@ def check_device(device) -> None:
         raise ValueError(f"device: this vLLM build runs on {device_name()!r} only, got {device!r}")
 
 
+def model_config(llm):
+    """The `ModelConfig` of an `LLM` or an `AsyncLLM`."""
+    engine = getattr(llm, "llm_engine", llm)
+    return engine.model_config
+
+
 def text_config(llm):
-    config = llm.llm_engine.model_config.hf_config
+    config = model_config(llm).hf_config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def max_model_len(llm) -> int:
-    return int(llm.llm_engine.model_config.max_model_len)
+    return int(model_config(llm).max_model_len)
 
 
 def model_dtype(llm) -> str:
-    return str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+    return str(model_config(llm).dtype).removeprefix("torch.")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -235,6 +258,45 @@ def fetch(llm, wanted: dict[str, list[int]], features: bool = False) -> dict:
 
 def drop(llm, keys) -> None:
     llm.collective_rpc("sprm_drop", args=(list(keys),))
+
+
+# -- the async engine (AsyncLLM), on its own event loop ----------------------------------------------------------
+
+
+async def final_output(engine, ids: list[int], sampling, request_id: str, on_output=None):
+    """The first completion of one request once it finishes, with `num_cached_tokens` copied on it; `on_output`
+    gets each intermediate completion (cumulative token ids). Cancelling the caller aborts the request in vLLM
+    (`AsyncLLM.generate` does, on CancelledError)."""
+    last = None
+    async for output in engine.generate({"prompt_token_ids": list(ids)}, sampling, request_id):
+        last = output
+        if on_output is not None and not output.finished:
+            on_output(output.outputs[0])
+    completion = last.outputs[0]
+    completion.num_cached_tokens = last.num_cached_tokens or 0
+    return completion
+
+
+async def install_recorder_async(engine, step_token_ids, think_start_id: int) -> None:
+    await engine.collective_rpc("sprm_install", args=(list(step_token_ids), int(think_start_id)))
+
+
+async def fetch_async(engine, wanted: dict[str, list[int]], features: bool = False) -> dict:
+    return (await engine.collective_rpc("sprm_fetch", args=(wanted, features)))[0]
+
+
+async def abort_async(engine, request_ids: list[str]) -> None:
+    await engine.abort(list(request_ids))
+
+
+async def drop_async(engine, keys) -> int:
+    """Forget the records of `keys`; returns how many records the worker still holds."""
+    return (await engine.collective_rpc("sprm_drop", args=(list(keys),)))[0]
+
+
+def unfinished_requests(engine) -> int:
+    """Requests an `AsyncLLM` holds (running or waiting)."""
+    return int(engine.get_num_unfinished_requests())
 
 
 def shutdown(llm) -> None:

@@ -34,7 +34,6 @@ from sprm_kernels.model.engines.common import (
     rule_token_ids,
     token_lists,
 )
-from sprm_kernels.model.engines.vllm.recorder import EXTRA_KEY
 
 
 class VLLMReflectiveModel:
@@ -135,28 +134,14 @@ class VLLMReflectiveModel:
 
     def _score_sequences(self, sequences: list[list[int]], return_all_scores: bool) -> list[ScoreResult]:
         todo = [i for i, s in enumerate(sequences) if s]
-        if not todo:
-            return [ScoreResult(0.0, [] if return_all_scores else None, list(s), []) for s in sequences]
         positions = rows_.positions_of(self.rules, [sequences[i] for i in todo])
         keys = [self._new_key() for _ in todo]
-        requests = [
-            (sequences[i], compat.sampling_params(max_tokens=1, temperature=0.0, extra_args={EXTRA_KEY: key},
-                                                  skip_prefix_cache=True))
-            for i, key in zip(todo, keys, strict=True)
-        ]  # fmt: skip
         try:
-            compat.run(self.llm, requests, progress=False)
-            logits = compat.fetch(self.llm, dict(zip(keys, positions, strict=True)))
+            compat.run(self.llm, [rows_.score_request(sequences[i], key) for i, key in zip(todo, keys, strict=True)])
+            logits = compat.fetch(self.llm, dict(zip(keys, positions, strict=True))) if todo else {}
         finally:
             compat.drop(self.llm, keys)
-        results = [ScoreResult(0.0, [] if return_all_scores else None, list(s), []) for s in sequences]
-        for i, key, wanted in zip(todo, keys, positions, strict=True):
-            values, _ = logits[key]
-            if any(v is None for v in values):
-                raise RuntimeError(f"sprm: the worker has no step logit for some positions of sequence {i}")
-            value, probs = rows_.score_values(values)
-            results[i] = ScoreResult(value, probs if return_all_scores else None, list(sequences[i]), wanted)
-        return results
+        return rows_.score_results(sequences, todo, positions, [logits[key] for key in keys], return_all_scores)
 
     def _check_lengths(self, sequences, name: str, extra: int) -> None:
         limit = self.context_length

@@ -26,34 +26,46 @@ from sprm_kernels.torch_ops import head_logits_fp32
 
 
 class _HeadState(nn.Module):
-    """The head's weights (fp32 copies of the model-dtype weights, as the HF engine computes) and the outputs of
-    the latest forward."""
+    """The head's weights and the outputs of the latest forward.
+
+    The weights are rounded to the model's dtype at load (as the HF engine moves its head to the model's dtype) and
+    then kept in the form the route reads, converted once there and never per step: on CUDA with triton, W1 in
+    the model's dtype (the kernel's operand) and the vectors in fp32; elsewhere all four in fp32 (the PyTorch
+    route's operands). On CUDA the launch reuses `buffers` (output, workspace, self-resetting tickets) and scores
+    the rows in order with no index tensor: a forward allocates nothing for the head."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
-        self.register_buffer("w1", torch.zeros(2 * hidden_size, hidden_size), persistent=False)
-        self.register_buffer("b1", torch.zeros(2 * hidden_size), persistent=False)
-        self.register_buffer("w2", torch.zeros(1, 2 * hidden_size), persistent=False)
-        self.register_buffer("b2", torch.zeros(1), persistent=False)
+        # Explicit fp32: vLLM builds the model under its dtype as torch's default; load() sets the dtypes used.
+        self.register_buffer("w1", torch.zeros(2 * hidden_size, hidden_size, dtype=torch.float32), persistent=False)
+        self.register_buffer("b1", torch.zeros(2 * hidden_size, dtype=torch.float32), persistent=False)
+        self.register_buffer("w2", torch.zeros(2 * hidden_size, dtype=torch.float32), persistent=False)
+        self.register_buffer("b2", torch.zeros(1, dtype=torch.float32), persistent=False)
+        self.kernel_route = False  # set by load(): CUDA and triton, the fused step_logits launch
+        self.buffers = None
         self.last = None  # (positions [N], input_ids [N], logits [N] fp32, features [N, H]) of the latest forward
 
     def load(self, path: str, dtype: torch.dtype) -> None:
         head = SPRMHead.from_pretrained(path)
         if head.hidden_size != self.hidden_size:
             raise ValueError(f"{path}: expected an SPRM head with H={self.hidden_size}, got H={head.hidden_size}")
+        device = self.w1.device
+        self.kernel_route = device.type == "cuda" and compat.triton_ready()
         for name, value in zip(("w1", "b1", "w2", "b2"), head.kernel_weights(), strict=True):
-            buffer = getattr(self, name)
-            # Rounded to the model's dtype first, as the HF engine moves its head to the model's dtype.
-            buffer.copy_(value.to(dtype).to(device=buffer.device, dtype=buffer.dtype).reshape(buffer.shape))
+            rounded = value.to(dtype).reshape(getattr(self, name).shape)
+            kept = dtype if name == "w1" and self.kernel_route else torch.float32
+            setattr(self, name, rounded.to(device=device, dtype=kept).contiguous())  # a buffer: replaced in place
+        if self.kernel_route:
+            from sprm_kernels.kernels.step_logits import StepLogitsBuffers
+
+            self.buffers = StepLogitsBuffers()
 
     def forward(self, features: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None) -> None:
-        if features.is_cuda and compat.triton_ready():
+        if self.kernel_route and features.is_cuda and features.dtype == self.w1.dtype:
             from sprm_kernels.kernels.step_logits import launch_step_logits
 
-            rows = torch.arange(features.shape[0], device=features.device)
-            w1 = self.w1.to(features.dtype)
-            logits = launch_step_logits(features, rows, w1, self.b1, self.w2.reshape(-1), self.b2)
+            logits = launch_step_logits(features, None, self.w1, self.b1, self.w2, self.b2, buffers=self.buffers)
         else:
             logits = head_logits_fp32(features, self.w1, self.b1, self.w2, self.b2)
         self.last = (positions, input_ids, logits, features)

@@ -16,7 +16,7 @@ import sprm_kernels.model.engines.vllm.compat as compat
 from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.selection import choose_best
 from sprm_kernels.model.core.steps import scored_positions
-from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
+from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
 from sprm_kernels.torch_ops import clamped_log_sigmoid
 
@@ -147,3 +147,23 @@ def result_of(rules: RowRules, params, prompt, thinks, candidates, best, answers
         prompt_token_ids=list(prompt),
         stats=stats,
     )
+
+
+def score_request(sequence: list[int], key: str):
+    """A prefill-only request (one token decoded) whose every position goes through the model: the prefix cache is
+    not read, so the worker records a logit at each position."""
+    sampling = compat.sampling_params(
+        max_tokens=1, temperature=0.0, extra_args={EXTRA_KEY: key}, skip_prefix_cache=True
+    )
+    return list(sequence), sampling
+
+
+def score_results(sequences, todo: list[int], positions, fetched, return_all_scores: bool) -> list[ScoreResult]:
+    """`ScoreResult`s of all `sequences`; `todo`: the non-empty ones, with their positions and `(logits, rows)`."""
+    results = [ScoreResult(0.0, [] if return_all_scores else None, list(s), []) for s in sequences]
+    for i, wanted, (values, _) in zip(todo, positions, fetched, strict=True):
+        if any(v is None for v in values):
+            raise RuntimeError(f"sprm: the worker has no step logit for some positions of sequence {i}")
+        value, probs = score_values(values)
+        results[i] = ScoreResult(value, probs if return_all_scores else None, list(sequences[i]), wanted)
+    return results

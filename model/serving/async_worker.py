@@ -1,0 +1,97 @@
+"""The worker for an engine with coroutines (`engines.base.SupportsAsync`, e.g. vLLM's `AsyncLLM`): no lock, no
+batching here. Every request goes straight to the engine, which batches all of them continuously; `ModelWorker`'s
+bound (`max_queue` texts and generations in hand, else `Overloaded`) and a per-request deadline
+(`request_timeout` seconds, else `TimedOut`) hold as on the one-thread worker. A request past its deadline, or
+whose caller is cancelled (a client that went away, see `disconnect.py`), is cancelled in the engine: all of its
+rows are aborted there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from sprm_kernels.model.core.types import ScoreResult
+from sprm_kernels.model.serving.worker import Overloaded, ServerStats, TimedOut
+
+logger = logging.getLogger("sprm.server")
+
+
+class AsyncWorker:
+    def __init__(self, model, *, max_queue: int, request_timeout: float | None = None):
+        self.model = model
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.stats = ServerStats()
+        self.in_hand = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def _admitted(self, count: int):
+        if self.in_hand + count > self.max_queue:
+            raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
+        self.in_hand += count
+        self.stats.accepted += count
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.stats.cancelled += 1
+            raise
+        finally:
+            self.in_hand -= count
+
+    async def _bounded(self, coro):
+        try:
+            return await asyncio.wait_for(coro, self.request_timeout)
+        except TimeoutError:
+            self.stats.timed_out += 1
+            raise TimedOut(f"the request ran past the server's limit of {self.request_timeout:g} s") from None
+
+    async def score(self, sequences: list[list[int]]) -> list[ScoreResult]:
+        with self._admitted(len(sequences)):
+            results = await self._bounded(self.model.ascore(sequences, return_all_scores=True))
+        self.stats.texts_scored += len(sequences)
+        self.stats.batches_served += 1
+        return results
+
+    async def generate(self, prompt, **options):
+        with self._admitted(1):
+            start = time.perf_counter()
+            try:
+                result = await self._bounded(self.model.agenerate(prompt, **options))
+            finally:
+                self.stats.generations += 1
+        logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
+                    result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
+        return result
+
+    async def stream(self, prompt, **options):
+        """The engine's `astream` events, under the same bound and deadline."""
+        with self._admitted(1):
+            deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
+            events = self.model.astream(prompt, **options)
+            try:
+                while True:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    try:
+                        event = await self._bounded_next(events, left)
+                    except StopAsyncIteration:
+                        return
+                    yield event
+            finally:
+                self.stats.generations += 1
+                await events.aclose()
+
+    async def _bounded_next(self, events, seconds):
+        try:
+            return await asyncio.wait_for(anext(events), seconds)
+        except TimeoutError:
+            self.stats.timed_out += 1
+            raise TimedOut(f"the request ran past the server's limit of {self.request_timeout:g} s") from None
