@@ -73,3 +73,15 @@ def vllm_shipped():
     engine = load_engine(SHIPPED_DIR, engine="vllm")
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_async_shipped():
+    """The server's vLLM engine (vLLM's AsyncLLM, `AsyncVLLMReflectiveModel`) on the shipped model, for the session."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from sprm_kernels.model import load_engine
+    from sprm_kernels.model.shipped import SHIPPED_DIR
+
+    engine = load_engine(SHIPPED_DIR, engine="vllm", serving=True)
+    yield engine
+    engine.close()

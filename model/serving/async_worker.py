@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 
 from sprm_kernels.model.core.types import ScoreResult
@@ -26,6 +27,7 @@ class AsyncWorker:
         self.request_timeout = request_timeout
         self.stats = ServerStats()
         self.in_hand = 0
+        self.changed = threading.Condition()  # notified whenever a request comes or leaves (`wait_until`)
 
     async def start(self) -> None:
         return None
@@ -39,6 +41,7 @@ class AsyncWorker:
             raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
         self.in_hand += count
         self.stats.accepted += count
+        self._notify()
         try:
             yield
         except asyncio.CancelledError:
@@ -46,6 +49,17 @@ class AsyncWorker:
             raise
         finally:
             self.in_hand -= count
+            self._notify()
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Block (another thread than the server's) until `predicate()` holds as a request comes or leaves, or `timeout`
+        seconds: an event for tests and monitors to wait on, instead of sleeping."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
 
     async def _bounded(self, coro):
         try:

@@ -58,8 +58,18 @@ class EngineLoop:
         return self.submit(coro).result()
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        """Cancel what still runs on the loop (vLLM's output tasks), then stop it."""
+
+        async def cancel_the_rest():
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.thread.is_alive():
+            self.submit(cancel_the_rest()).result(timeout=10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
 
 
 class AsyncVLLMReflectiveModel:
@@ -207,6 +217,14 @@ class AsyncVLLMReflectiveModel:
     async def _forget(self, request_ids: list[str], keys: list[str]) -> None:
         await compat.abort_async(self.engine, request_ids)
         await compat.drop_async(self.engine, keys)
+
+    async def pause(self) -> None:
+        """Stop scheduling: requests already in the engine, and new ones, wait (for maintenance, and for tests that
+        need requests to stay in flight) until `resume`."""
+        await self.engine_loop.run(compat.pause_async(self.engine))
+
+    async def resume(self) -> None:
+        await self.engine_loop.run(compat.resume_async(self.engine))
 
     # -- on the engine loop ------------------------------------------------------------------------------------
 

@@ -294,6 +294,14 @@ async def drop_async(engine, keys) -> int:
     return (await engine.collective_rpc("sprm_drop", args=(list(keys),)))[0]
 
 
+async def pause_async(engine) -> None:
+    await engine.pause_generation(mode="keep", clear_cache=False)
+
+
+async def resume_async(engine) -> None:
+    await engine.resume_generation()
+
+
 def unfinished_requests(engine) -> int:
     """Requests an `AsyncLLM` holds (running or waiting)."""
     return int(engine.get_num_unfinished_requests())

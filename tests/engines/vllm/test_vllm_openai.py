@@ -1,0 +1,130 @@
+"""`sprm serve --engine vllm` as a client sees it: the OpenAI routes on vLLM's async engine through the official
+`openai` client and plain HTTP, against a real uvicorn on 127.0.0.1. Concurrent requests are answered as each one
+alone; a client that hangs up mid-stream has its rows aborted. No test depends on timing: the disconnect test waits
+on the worker's `wait_until` (notified when a request leaves). Skipped, visibly, where vLLM is absent."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import importlib.util
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+pytest.importorskip("uvicorn")
+
+from served import running  # noqa: E402
+
+from sprm_kernels.model.serving.app import create_app  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "4+8+1+6+9+3=?"}]
+EVENT_TIMEOUT = 120.0  # the bound on waiting for an event: only a hang ever reaches it
+
+
+@pytest.fixture(scope="module")
+def served(vllm_async_shipped):
+    app = create_app(vllm_async_shipped, request_timeout=EVENT_TIMEOUT)
+    with running(app) as url:
+        yield url, app.state.worker
+
+
+def client_of(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=EVENT_TIMEOUT)
+
+
+def extra(model, name: str):
+    return (model.model_extra or {}).get(name)
+
+
+def test_chat_completion_is_the_engines_generation(served, vllm_async_shipped):
+    base, _ = served
+    response = client_of(base).chat.completions.create(
+        model="shipped",
+        messages=MESSAGES,
+        reasoning_effort="low",
+        seed=0,
+        extra_body={"sprm": {"return_candidates": True}},
+    )
+    result = vllm_async_shipped.generate(MESSAGES, mode="low", seed=0, temperature=1.0, top_p=1.0)
+    assert response.choices[0].message.content == result.answer
+    sprm = extra(response, "sprm")
+    assert sprm["k"] == 2 and len(sprm["candidates"]) == 2
+    assert response.usage.completion_tokens_details.reasoning_tokens == result.stats.think_generated_tokens
+
+
+def test_stream_adds_up_to_the_completion(served):
+    base, _ = served
+    options = {"model": "shipped", "messages": MESSAGES, "reasoning_effort": "medium", "seed": 3}
+    whole = client_of(base).chat.completions.create(**options)
+    chunks = list(
+        client_of(base).chat.completions.create(**options, stream=True, stream_options={"include_usage": True})
+    )
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(extra(d, "reasoning_content") or "" for d in deltas) == extra(
+        whole.choices[0].message, "reasoning_content"
+    )
+    assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_32_concurrent_chat_completions_equal_each_one_alone(served):
+    base, worker = served
+    client = client_of(base)
+
+    def ask(seed: int):
+        extra_body = {"sprm": {"return_candidates": True}}
+        response = client.chat.completions.create(
+            model="shipped", messages=MESSAGES, reasoning_effort="medium", seed=seed, extra_body=extra_body
+        )
+        return response.choices[0].message, extra(response, "sprm")
+
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, range(32)))
+    alone = [ask(seed) for seed in range(32)]
+    for (message_a, sprm_a), (message_b, sprm_b) in zip(together, alone, strict=True):
+        assert message_a.content == message_b.content
+        assert extra(message_a, "reasoning_content") == extra(message_b, "reasoning_content")
+        assert [c["text"] for c in sprm_a["candidates"]] == [c["text"] for c in sprm_b["candidates"]]
+    assert worker.in_hand == 0
+
+
+def test_a_client_that_hangs_up_has_its_rows_aborted(served, vllm_async_shipped):
+    base, worker = served
+    engine = vllm_async_shipped
+    cancelled = worker.stats.cancelled
+    asyncio.run(engine.pause())  # nothing is scheduled: the request stays in flight until the client hangs up
+    try:
+        host, port = base.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=EVENT_TIMEOUT)
+        body = json.dumps({"messages": MESSAGES, "reasoning_effort": "high", "seed": 0, "stream": True})
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert worker.wait_until(lambda: worker.in_hand == 1, EVENT_TIMEOUT)
+        waited = 0.0
+        while asyncio.run(engine.engine_state())["unfinished_requests"] < 32:  # paused: the rows cannot finish
+            assert waited < EVENT_TIMEOUT, "the rows never reached the engine"
+            time.sleep(0.01)
+            waited += 0.01
+        connection.close()
+        assert worker.wait_until(lambda: worker.in_hand == 0, EVENT_TIMEOUT)
+    finally:
+        asyncio.run(engine.resume())
+    assert worker.stats.cancelled == cancelled + 1
+    assert asyncio.run(engine.engine_state()) == {"unfinished_requests": 0, "records": 0}
+
+
+def test_errors_are_openai_errors(served):
+    base, _ = served
+    with pytest.raises(openai.BadRequestError) as error:
+        client_of(base).chat.completions.create(model="shipped", messages=MESSAGES, temperature=-1)
+    assert error.value.body["param"] == "temperature"
+    bad = requests.post(
+        f"{base}/v1/chat/completions", json={"messages": MESSAGES, "sprm": {"k": 0}}, timeout=EVENT_TIMEOUT
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sprm.k"
