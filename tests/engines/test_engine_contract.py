@@ -12,6 +12,7 @@ from sprm_kernels.model import (
     GenerationParams,
     choose_best,
     load_engine,
+    supports_async,
     supports_head_swap,
     supports_prompt_lists,
     supports_search,
@@ -25,6 +26,11 @@ ENGINE_PARAMS = [
         id="vllm",
         marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
     ),
+    pytest.param(
+        "vllm-async",
+        id="vllm-async",
+        marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+    ),
 ]
 PROMPT = "4+8+1+6+9+3=?"
 
@@ -33,6 +39,8 @@ PROMPT = "4+8+1+6+9+3=?"
 def engine(request):
     if request.param == "vllm":
         return request.getfixturevalue("vllm_shipped")  # one vLLM engine per session (conftest)
+    if request.param == "vllm-async":
+        return request.getfixturevalue("vllm_async_shipped")
     return load_engine(SHIPPED_DIR, engine=request.param, device="cpu")
 
 
@@ -48,6 +56,9 @@ def test_capabilities_are_what_each_engine_declares(engine):
     """engines.base Protocols: the HF engine searches and swaps heads; vLLM batches prompt lists and has no search."""
     if engine.info().engine == "hf":
         assert supports_search(engine) and supports_head_swap(engine) and not supports_prompt_lists(engine)
+        assert not supports_async(engine)
+    elif supports_async(engine):  # the server's vLLM engine: one prompt per call, concurrent calls batched
+        assert not supports_prompt_lists(engine) and not supports_search(engine)
     else:
         assert supports_prompt_lists(engine) and not supports_search(engine)
         assert not supports_search(type(engine))  # the class lacks it, not just this instance
