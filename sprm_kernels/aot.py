@@ -209,15 +209,16 @@ def _score_launch(rows, hidden_size, dtype, arch, candidates=None):
     return cfg, args, meta
 
 
-def _logits_launch(rows, hidden_size, dtype, arch):
+def _logits_launch(rows, hidden_size, dtype, arch, gather=True):
+    """step_logits as the training forward calls it (gathered rows), or (gather=False) as the vLLM head does:
+    every row of an [S, H] slice in order, no index."""
     from .kernels.sprm_score import pick_score_config
     from .kernels.step_logits import prepare_step_logits
 
     cfg = pick_score_config(rows, hidden_size, 2 * hidden_size, dtype, _gpu_info(arch))
-    hidden = _meta_tensor((rows * 2, hidden_size), dtype)
-    _, _, args, meta = prepare_step_logits(
-        hidden, _meta_tensor((rows,), torch.int64), *_head(hidden_size, dtype), config=cfg
-    )
+    hidden = _meta_tensor((rows * 2 if gather else rows, hidden_size), dtype)
+    index = _meta_tensor((rows,), torch.int64) if gather else None
+    _, _, args, meta = prepare_step_logits(hidden, index, *_head(hidden_size, dtype), config=cfg)
     meta["UPCAST"] = False
     return cfg, args, meta
 
@@ -265,6 +266,11 @@ def _cases(arch: int):
                     cfg, args, meta = LAUNCHES[name](rows, hidden_size, dtype, arch)
                     launch = _model_launch(cfg, rows, hidden_size, dtype, meta["num_stages"])
                     yield name, dtype, f"S={rows} H={hidden_size}", regime, _kernel(name), args, meta, launch
+                if dtype == torch.bfloat16 and hidden_size == HIDDEN_SIZES[-1]:  # the vLLM head's launch
+                    cfg, args, meta = _logits_launch(rows, hidden_size, dtype, arch, gather=False)
+                    launch = _model_launch(cfg, rows, hidden_size, dtype, meta["num_stages"])
+                    yield "step_logits", dtype, f"S={rows} H={hidden_size} rows", regime, _kernel("step_logits"), \
+                        args, meta, launch  # fmt: skip
             for batch in (8, 32):
                 cfg, args, meta = _scorer_launch(batch, hidden_size, dtype, arch)
                 launch = _model_launch(cfg, batch, hidden_size, dtype, meta["num_stages"])
@@ -402,6 +408,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check-goals", action="store_true", help="exit non-zero if a modeled goal is missed")
     parser.add_argument("--summary", metavar="REPORT", help="print the headline figures of a --json report and exit")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the S = 8 bf16 H = 1536 head kernels (a smoke test of the tool: bench.gpu_check)",
+    )
     args = parser.parse_args(argv)
     if args.summary:
         with open(args.summary) as f:
@@ -413,12 +424,17 @@ def main(argv=None) -> int:
     cases, jobs, job_index = [], [], {}
     for arch in args.arch:
         for name, dtype, shape, regime, kernel, kargs, meta, launch in _cases(arch):
+            if args.quick and not (dtype == torch.bfloat16 and regime == "decode" and "H=1536" in shape):
+                continue
             key = _compile_key(kernel, kargs, meta, arch)  # one compile serves every case with the same key
             if key not in job_index:
                 job_index[key] = len(jobs)
                 jobs.append((kernel, kargs, meta, arch))
             cases.append((arch, name, dtype, shape, regime, meta, launch, job_index[key]))
-    print(f"aot: {len(cases)} configurations, {len(jobs)} distinct compiles", file=sys.stderr)
+    import triton
+
+    print(f"aot: triton {triton.__version__} ({os.path.dirname(triton.__file__)}): {len(cases)} configurations, "
+          f"{len(jobs)} distinct compiles", file=sys.stderr)  # fmt: skip
     _JOBS[:] = jobs
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:

@@ -87,6 +87,7 @@ def sprm_score(
     group_size: int | None = None,
     return_step_scores: bool = False,
     backend: str | None = None,
+    validate: bool = True,
 ) -> SPRMScores:
     """SPRM scores of B candidates from the hidden states at their step rows (docs/method.md §4, §7).
 
@@ -94,11 +95,18 @@ def sprm_score(
     flat rows; offsets [B+1] int64 CSR; W1 [F, H] in hidden's dtype, b1 [F], W2 [1, F], b2 [1] (F = 2H).
     On CUDA this is one fused Triton launch (gather, both layers in fp32, log-sigmoid, means, group argmax).
     Validation reads a few values on the host (one synchronisation) so that bad indices fail before launch.
+
+    validate=False is the fast path for callers whose step_index and offsets are known to be valid (e.g. straight
+    from `step_positions`): shapes, dtypes and devices are still checked, but not the values, so there is no
+    host synchronisation. The results are the same bits; with an index out of range or non-CSR offsets they are
+    undefined (the kernel reads wherever the index points).
     """
+    if not isinstance(validate, bool):
+        raise ValueError(f"validate: expected True or False, got {validate!r}")
     num_rows = check_hidden(hidden)
     device = hidden.device
     check_head(hidden.shape[-1], hidden.dtype, device, w1, b1, w2, b2)
-    check_csr(step_index, offsets, num_rows, device)
+    check_csr(step_index, offsets, num_rows, device, values=validate)
     check_group_size(group_size, offsets.numel() - 1)
     w2, b2 = w2.reshape(-1), b2.reshape(-1)
     if resolve_backend(device, backend) == "triton":

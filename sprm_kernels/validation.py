@@ -96,12 +96,15 @@ def check_group_size(group_size, num_candidates: int) -> None:
         _fail("group_size", f"a divisor of the number of candidates B={num_candidates}", group_size)
 
 
-def check_csr(step_index, offsets, num_rows: int, device: torch.device) -> None:
-    """Shapes and dtypes, then the values (one host synchronisation): monotonic offsets and indices in range."""
+def check_csr(step_index, offsets, num_rows: int, device: torch.device, *, values: bool = True) -> None:
+    """Shapes and dtypes, then (values=True) the values, with one host synchronisation: monotonic offsets from 0
+    to S and indices in range. values=False checks only what the tensors' metadata says (no synchronisation)."""
     check_tensor("step_index", step_index, dims=(1,), dtypes=(torch.int64,), device=device)
     check_tensor("offsets", offsets, dims=(1,), dtypes=(torch.int64,), device=device)
     if offsets.numel() < 1:
         _fail("offsets", "shape [B+1] with B >= 0", f"shape {tuple(offsets.shape)}")
+    if not values:
+        return
     num_steps = step_index.numel()
     zero = torch.zeros((), dtype=torch.int64, device=device)
     facts = torch.stack(

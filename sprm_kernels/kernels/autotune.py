@@ -19,8 +19,8 @@ import triton
 # (BLOCK_K, num_warps, num_stages): decode buckets stream W1 (deep pipelines); GEMM buckets trade K depth for
 # stages. fp32 operands take twice the registers and shared memory, hence their own, smaller lists.
 TUNE_CANDIDATES = {
-    ("decode", False): [(128, 4, 4), (128, 8, 3), (64, 4, 6), (256, 4, 3), (128, 8, 4)],
-    ("gemm", False): [(64, 4, 3), (64, 4, 4), (64, 8, 3), (32, 8, 5), (128, 8, 2)],
+    ("decode", False): [(128, 8, 4), (128, 8, 3), (64, 4, 6), (256, 4, 3), (64, 8, 4)],
+    ("gemm", False): [(64, 8, 3), (32, 8, 4), (64, 4, 4), (32, 8, 5), (128, 8, 2)],
     ("decode", True): [(16, 8, 4), (16, 8, 3), (16, 8, 6), (32, 8, 4)],
     ("gemm", True): [(16, 8, 3), (16, 8, 4), (32, 8, 3)],
 }

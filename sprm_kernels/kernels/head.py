@@ -118,10 +118,14 @@ def sum_split_partials(partial_ptr, rows, row_mask, S, num_splits, SPLIT_TILE: t
 
 
 @triton.jit
-def gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht):
-    """Element offsets (int64) of the gathered rows: flat row r of a (B, T, H) tensor is (r // T, r % T)."""
-    flat_row = tl.load(step_index_ptr + rows, mask=row_mask, other=0)
-    return (flat_row // seq_len) * stride_hb + (flat_row % seq_len) * stride_ht
+def gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht, GATHER: tl.constexpr):
+    """Element offsets (int64) of the gathered rows: flat row r of a (B, T, H) tensor is (r // T, r % T). With
+    GATHER False the rows are hidden's own rows 0..S-1 of an (N, H) tensor (no index is read)."""
+    if GATHER:
+        flat_row = tl.load(step_index_ptr + rows, mask=row_mask, other=0)
+        return (flat_row // seq_len) * stride_hb + (flat_row % seq_len) * stride_ht
+    else:
+        return rows * stride_ht
 
 
 @triton.jit
@@ -142,10 +146,13 @@ def complete_row_block(
     """(logits with b2, done): the partials go to the [num_splits, S] workspace and only the last split to arrive
     at row block `pid_s` gets done = True and the sum over all splits in split order (its `logits` are
     meaningless elsewhere). num_splits is a runtime integer, so one compiled kernel serves every split count; with
-    one split the program that stores is also the last to arrive."""
+    one split the program that stores is also the last to arrive. The last arrival resets the ticket to zero (every
+    split has taken its ticket by then), so a caller can reuse the counters for the next launch on the stream
+    without zeroing them (no memset launch, no allocation)."""
     tl.store(partial_ptr + pid_n.to(tl.int64) * S + rows, partial, mask=row_mask)
     done = arrived_last(ticket_ptr + pid_s, num_splits)
     if done:
+        tl.atomic_xchg(ticket_ptr + pid_s, 0)
         partial = sum_split_partials(partial_ptr, rows, row_mask, S, num_splits, SPLIT_TILE, BLOCK_S)
     return partial + tl.load(b2_ptr).to(tl.float32), done
 

@@ -112,7 +112,7 @@ def sprm_score_kernel(
     b2_ptr,
     partial_ptr,  # [num_splits, S] fp32 workspace
     log_prob_ptr,  # [S] fp32 workspace: clamped log p of every step
-    ticket_ptr,  # int32 [row blocks + 1], zero on entry: one ticket per row block, then one for the whole grid
+    ticket_ptr,  # int32 [row blocks + 1], zero on entry and reset to zero on exit: one per row block, one for the grid
     step_scores_ptr,
     log_score_ptr,
     score_ptr,
@@ -148,7 +148,7 @@ def sprm_score_kernel(
     # Phase 1: partial logits of BLOCK_S gathered rows over one split of W1's columns.
     rows = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_mask = rows < S
-    row_offset = gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht)
+    row_offset = gathered_row_offsets(step_index_ptr, rows, row_mask, seq_len, stride_hb, stride_ht, True)
     col_begin, col_end = split_columns(pid_n.to(tl.int64), num_splits, num_granules, granule)
     partial = head_partial_logit(
         hidden_ptr, row_offset, row_mask, w1_ptr, stride_w1, b1_ptr, w2_ptr, col_begin,
@@ -166,6 +166,7 @@ def sprm_score_kernel(
 
         # Phase 3: the last row block to finish reduces per candidate and per group.
         if arrived_last(ticket_ptr + num_row_blocks, num_row_blocks):
+            tl.atomic_xchg(ticket_ptr + num_row_blocks, 0)  # every row block has arrived: ready for the next launch
             candidate_means(log_prob_ptr, offsets_ptr, log_score_ptr, score_ptr, num_steps_ptr, B, BLOCK_B, BLOCK_J)
             if COMPUTE_BEST:
                 tl.debug_barrier()  # the scores just stored by other threads of this program
@@ -226,11 +227,18 @@ L2_GROUP_FRACTION = 0.85  # share of L2 for a group's W1 columns plus the row bl
 # (BLOCK_S, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket, 16-bit and fp32 operands (fp32 operands take twice
 # the registers and shared memory per element; their dot is IEEE fp32 on the FMA units, whose operands sit in
 # registers: BLOCK_K = 16 keeps them under 128 registers per thread at 8 warps, where ptxas caps them on sm_90).
+# The smallest bucket takes 8 warps: at 4 warps triton 3.6.0 compiled sprm_score there at 168 registers with 16
+# bytes of spills (sm_80 and sm_90; newer tritons did not spill); 8 warps halve each thread's share of the
+# [16, 128] tile and of the loads in flight (same tiles, stages and bytes in flight; 0 spills on both tritons).
+# The GEMM buckets likewise: triton 3.6.0 put (64, 128, 64, 4 warps, 3) and (128, 128, 64, 8, 3) on sm_80 at the
+# 255-register cap; 8 warps with BLOCK_K = 32 and 4 stages keep every head kernel (step_logits without an index,
+# the vLLM head's launch, included: (64, 128, 64, 8, 3) spilled 36 bytes there with triton 3.9 on sm_80) at
+# <= 225 registers and 0 spills on triton 3.6.0 and 3.9.0, sm_80 and sm_90 (python -m sprm_kernels.aot).
 GPU_TILES = {
-    (0, False): (16, 128, 128, 4, 4),
+    (0, False): (16, 128, 128, 8, 4),
     (1, False): (64, 128, 128, 8, 3),
-    (2, False): (64, 128, 64, 4, 3),
-    (3, False): (128, 128, 64, 8, 3),
+    (2, False): (64, 128, 32, 8, 4),
+    (3, False): (128, 128, 32, 8, 4),
     (0, True): (16, 128, 16, 8, 4),
     (1, True): (64, 64, 16, 8, 3),
     (2, True): (64, 64, 16, 8, 3),
@@ -333,7 +341,7 @@ def prepare_sprm_score(
     row_blocks = triton.cdiv(max(num_rows, 1), cfg.block_s)
     partial = torch.empty(max(cfg.num_splits * num_rows, 1), dtype=torch.float32, device=device)
     log_prob = torch.empty(max(num_rows, 1), dtype=torch.float32, device=device)
-    tickets = torch.zeros(row_blocks + 1, dtype=torch.int32, device=device)
+    tickets = zeroed_tickets(device, row_blocks + 1)
     stride_hb, stride_ht, seq_len = hidden_row_strides(hidden)
     group_tile = min(triton.next_power_of_2(group_size or 1), 256)
     args = (
@@ -381,5 +389,46 @@ def launch_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options):
     """One launch of the fused kernel. Arguments are validated by the caller (ops.sprm_score)."""
     outputs, grid, args, meta = prepare_sprm_score(hidden, step_index, offsets, w1, b1, w2, b2, **options)
     kernel, meta = maybe_autotuned(sprm_score_kernel, meta, reset_to_zero=("ticket_ptr",))
-    kernel[grid](*args, **meta)
+    with tickets_dropped_on_error(hidden.device):
+        kernel[grid](*args, **meta)
     return outputs
+
+
+# Ticket counters shared by the launches of one (device, stream): zeroed once when allocated (or grown), and left
+# at zero by every kernel that takes them (complete_row_block resets each row block's ticket after its last
+# arrival, sprm_score its grid ticket), so a launch needs neither a torch.zeros allocation nor a memset. Launches
+# on one stream run in order, so they never share a counter at the same time; another stream gets its own.
+_TICKETS: dict = {}
+
+
+def _ticket_key(device: torch.device):
+    if device.type == "cuda":
+        return device, torch.cuda.current_stream(device).cuda_stream
+    return device, None
+
+
+def zeroed_tickets(device: torch.device, count: int) -> torch.Tensor:
+    """`count` int32 counters at zero for the current stream of `device`, from the cache (allocated only when a
+    launch needs more than any launch before it: twice as many, at least 64)."""
+    key = _ticket_key(device)
+    buffer = _TICKETS.get(key)
+    if buffer is None or buffer.numel() < count:
+        size = max(count, 64, 2 * buffer.numel() if buffer is not None else 0)
+        buffer = _TICKETS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return buffer[:count]
+
+
+class tickets_dropped_on_error:
+    """Around a launch: if it raises (a compile error, the interpreter failing part-way), the cached counters of
+    the stream may no longer be zero, so they are dropped and the next launch starts from fresh zeros."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            _TICKETS.pop(_ticket_key(self.device), None)
+        return False

@@ -83,8 +83,7 @@ def step_scorer_kernel(
         logit, row_block_done = complete_row_block(
             partial, partial_ptr, ticket_ptr, b2_ptr, pid_s, pid_n, rows, row_mask, B, num_splits, SPLIT_TILE, BLOCK_S
         )
-        if row_block_done:
-            tl.atomic_xchg(ticket_ptr + pid_s, 0)  # ready for the next launch on this stream
+        if row_block_done:  # (complete_row_block has reset the ticket for the next launch on this stream)
             flagged = tl.load(is_step_ptr + rows, mask=row_mask, other=0) != 0
             sum_log = tl.load(sum_log_ptr + rows, mask=row_mask, other=0.0)
             count = tl.load(count_ptr + rows, mask=row_mask, other=0)

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import random_csr, random_head
+from helpers import CUDA_MARKS, INTERPRETING, random_csr, random_head
 
 from sprm_kernels import sprm_score
 from sprm_kernels.grad import sprm_step_logits, sprm_step_logits_reference
@@ -187,16 +187,21 @@ def test_agrees_with_sprm_score(route, dtype):
     torch.testing.assert_close(torch.sigmoid(logits), scores.step_scores, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
-                    reason="needs the Triton interpreter or CUDA")  # fmt: skip
+# The Triton kernel compiled on CUDA (marked `cuda`), or interpreted on CPU.
+KERNEL_DEVICES = [
+    pytest.param("cuda", id="cuda", marks=CUDA_MARKS),
+    pytest.param("cpu", id="interpreter", marks=pytest.mark.skipif(not INTERPRETING, reason="needs the interpreter")),
+]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_kernel_splits_are_deterministic(poisoned_allocations, splits):
+def test_kernel_splits_are_deterministic(poisoned_allocations, splits, device):
     """Each column split count (direct store, and the per-row-block ticket reduction) writes every logit, gives
     the same bits on every run, and agrees with the other split counts to fp32 rounding."""
     from sprm_kernels.kernels.sprm_score import ScoreConfig
     from sprm_kernels.kernels.step_logits import launch_step_logits
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, step_index, head = padded_case(torch.float32, hidden_size=40)
     hidden, step_index = hidden.to(device), step_index.to(device)
     w1, b1, w2, b2 = head[0].to(device), head[1].to(device), head[2].to(device).reshape(-1), head[3].to(device)

@@ -79,4 +79,13 @@ def random_token_rows(batch: int, length: int, seed=0, vocab=12, step_rate=0.25)
 # Set by conftest.py before anything imports triton: without CUDA, kernels run under the Triton interpreter.
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)")
+# Every CUDA-only test carries both marks: `cuda`, so that `pytest -m cuda` (make test-gpu) selects it, and a skip
+# with its reason, so that it shows as skipped (not silently absent) where there is no CUDA device.
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none here)"))
+
+
+def requires_cuda(test):
+    """Decorator for a CUDA-only test (function or class): both CUDA_MARKS. For a pytest.param, marks=CUDA_MARKS."""
+    for mark in reversed(CUDA_MARKS):
+        test = mark(test)
+    return test

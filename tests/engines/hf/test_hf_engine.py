@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import requires_cuda
 from torch import nn
 
 from sprm_kernels import sprm_score_reference, step_positions_reference
@@ -317,7 +318,7 @@ def test_generate_and_score_on_the_triton_route(tokenizer):
     assert any(c.score_positions for c in result.candidates)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@requires_cuda
 @torch.inference_mode()
 def test_cuda_matches_cpu(tokenizer):
     cpu = ReflectiveModel(make_policy("qwen2", len(tokenizer)), tokenizer, make_head())
