@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from fastapi.responses import JSONResponse
+
+# A refused body on a connection the client asked to close (`Connection: close`, as urllib sends) is read and dropped
+# before the 413, up to these bounds: uvicorn closes such a connection once it has answered, and closing a socket
+# with unread bytes resets it, so the client would see ECONNRESET instead of the 413.
+DROP_MAX_BYTES = 64 * 2**20
+DROP_MAX_SECONDS = 10.0
 
 
 class BodyLimit:
     """Pure ASGI middleware: a request body over `max_bytes` gets 413 before the app sees any of it, at once when its
     Content-Length says so (nothing of it is read), else as soon as the bytes streamed so far pass the limit. A body
     within the limit is buffered (the app reads all of it anyway) and replayed to the app. uvicorn then reads and
-    discards the rest of a refused body, so the client can finish sending and read the 413."""
+    discards the rest of a refused body on a keep-alive connection, so the client can finish sending and read the
+    413; on a connection the client will close (`Connection: close`), the rest is read and dropped here first, within
+    `DROP_MAX_BYTES` and `DROP_MAX_SECONDS` (a larger or slower body is answered at once)."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -23,6 +32,8 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if int(declared) <= DROP_MAX_BYTES:
+                await drop_rest(scope, receive)
             await self._refuse(int(declared), scope, receive, send)
             return
         chunks, size = [], 0
@@ -33,6 +44,8 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await drop_rest(scope, receive, already=size)
                 await self._refuse(size, scope, receive, send, at_least=True)
                 return
             if not message.get("more_body", False):
@@ -53,6 +66,38 @@ class BodyLimit:
         size_text = f"more than {self.max_bytes}" if at_least else str(size)
         detail = f"request body: {size_text} bytes, over the limit of {self.max_bytes} bytes (--max-body-bytes)"
         await JSONResponse({"detail": detail}, 413)(scope, receive, send)
+
+
+def closes_after(scope) -> bool:
+    """Whether the server will close the connection after its answer: HTTP/1.0, or `Connection: close`, without
+    `Expect: 100-continue` (such a client sends no body until told to, so there is nothing unread to drop)."""
+    headers = dict(scope["headers"])
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return False
+    tokens = [token.strip() for token in headers.get(b"connection", b"").lower().split(b",")]
+    return scope.get("http_version") == "1.0" or b"close" in tokens
+
+
+async def drop_rest(scope, receive, already: int = 0) -> None:
+    """Read and drop the rest of the body, on a connection that closes after the answer (`closes_after`), within
+    DROP_MAX_BYTES in all and DROP_MAX_SECONDS."""
+    if not closes_after(scope):
+        return
+
+    async def drop():
+        size = already
+        while size <= DROP_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(drop(), DROP_MAX_SECONDS)
+    except TimeoutError:
+        return
 
 
 class BearerAuth:

@@ -634,6 +634,38 @@ def test_a_refused_body_is_read_no_further_than_the_limit(model):
     assert limit < streamed_before == streamed_all <= limit + 2**18 + 2**16, counter.requests
 
 
+def test_python_clients_that_close_the_connection_read_the_413_of_a_huge_body(model):
+    """urllib sends `Connection: close`, so uvicorn closes the socket once it has answered; the server reads and
+    drops the body first (within DROP_MAX_BYTES), else the client's send is reset and it never sees the 413. A
+    declared body over that bound is answered at once, nothing of it read."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from sprm_kernels.model.serving.middleware import DROP_MAX_BYTES
+
+    limit = 2**20
+    counter = ReadCounter(create_app(model, max_body_bytes=limit))
+    with running(counter) as base:
+        for path in ("/score", "/v1/chat/completions"):
+            body = json.dumps({"text": "1" * (10 * 2**20)}).encode()
+            request = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=EVENT_TIMEOUT)
+            assert refused.value.code == 413 and "max-body-bytes" in refused.value.read().decode()
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=EVENT_TIMEOUT) as sock:
+            head = (
+                f"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {DROP_MAX_BYTES + 1}\r\n\r\n"
+            )
+            sock.sendall(head.encode())  # and no body: answered without waiting for it
+            assert sock.makefile("rb").readline().split()[1] == b"413"
+        assert health(base)["status"] == "ok"
+    dropped, _, too_big = counter.requests[:3]
+    assert dropped[2] == 413 and dropped[0] >= 10 * 2**20  # read (and dropped) before the answer
+    assert too_big[2] == 413 and too_big[1] == 0
+
+
 def test_sigterm_finishes_requests_in_flight_and_exits_0(tmp_path):
     with serve_subprocess(tmp_path) as (child, base, log_path):
         # Generations (the slow part: a second or more of model time in all) and scores, sent at once.
