@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+from sprm_kernels.model.core.types import TextPrompt
+
 LANGS = ("en", "zh")
 THINK_START, THINK_END = "<think>", "</think>"
 EN_STEP_TEXT = ".\n\n"
@@ -80,7 +82,12 @@ def check_round_trip(tokenizer, think_ids: tuple[int, int], step_ids: list[int],
 
 def chat_prompt_ids(tokenizer, prompt_or_messages) -> list[int]:
     """The chat template applied to a user prompt (str) or a list of {"role", "content"} messages, with the
-    generation prompt, tokenized without adding special tokens again (the template writes them)."""
+    generation prompt, tokenized without adding special tokens again (the template writes them); a `TextPrompt`
+    tokenized as written."""
+    if isinstance(prompt_or_messages, TextPrompt):
+        if not prompt_or_messages.text.strip():
+            raise ValueError("prompt_or_messages: expected a non-empty prompt, got no text")
+        return list(tokenizer(prompt_or_messages.text)["input_ids"])
     if isinstance(prompt_or_messages, str):
         messages = [{"role": "user", "content": prompt_or_messages}]
     elif isinstance(prompt_or_messages, (list, tuple)) and all(

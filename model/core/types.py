@@ -1,4 +1,5 @@
-"""Result types shared by every engine (HF, vLLM): what `score` and `generate` return.
+"""Types shared by every engine (HF, vLLM): `TextPrompt` (a prompt used as written), and what `score` and
+`generate` return.
 
 The CLI, the server, the evaluation and the trainer read these and nothing engine-specific.
 """
@@ -9,6 +10,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A prompt used as written: tokenized as it is (with the tokenizer's special tokens, e.g. a BOS), no chat
+    template around it (what `/v1/completions` sends). A plain string prompt is a user message instead."""
+
+    text: str
 
 
 @dataclass

@@ -16,8 +16,9 @@ The parts:
   prompt) over `max_text_chars` characters gets 413 before it is tokenized (`limits.text_char_limit`: it cannot
   fit in the context); tokenization runs in its own thread, never on the event loop, so a long text never stalls
   the other clients.
-- `openai`: `POST /v1/chat/completions` and `GET /v1/models` in OpenAI's format, on the same worker; errors on
-  /v1/ paths in OpenAI's shape (the handlers below are wrapped in `openai_aware`).
+- `openai_routes` / `openai_api`: `POST /v1/chat/completions`, `POST /v1/completions` and `GET /v1/models` in
+  OpenAI's format, on the same worker; errors on /v1/ paths in OpenAI's shape (the handlers below are wrapped in
+  `openai_aware`).
 - `run`: uvicorn, and on SIGTERM a drain that answers every request the server has read.
 
 There is no TLS: bind to loopback (the default) or put a TLS-terminating proxy in front. `token` only guards
@@ -44,7 +45,8 @@ from sprm_kernels.model.serving.async_worker import AsyncWorker
 from sprm_kernels.model.serving.disconnect import ClientGone, unless_disconnected
 from sprm_kernels.model.serving.limits import default_max_body_bytes, longest_token_chars, text_char_limit
 from sprm_kernels.model.serving.middleware import BearerAuth, BodyLimit
-from sprm_kernels.model.serving.openai_api import add_openai_routes, openai_aware
+from sprm_kernels.model.serving.openai_api import openai_aware
+from sprm_kernels.model.serving.openai_routes import Served, add_openai_routes
 from sprm_kernels.model.serving.run import RETRY_AFTER_SECONDS, log_to_stderr, run_app
 from sprm_kernels.model.serving.schemas import (
     MAX_K,
@@ -225,7 +227,7 @@ def create_app(
     async def resolve(prompt, given: dict) -> tuple[dict, str | None]:
         return await off_loop(resolve_generation, model, prompt, given, limit)
 
-    add_openai_routes(app, model, worker, resolve, check_chars)
+    add_openai_routes(app, Served(model, worker, resolve, check_chars, model.info().model_name))
 
     @app.get("/health")
     async def health() -> dict:

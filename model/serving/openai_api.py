@@ -1,18 +1,15 @@
-"""OpenAI-compatible routes on the scoring server: `POST /v1/chat/completions` and `GET /v1/models`.
+"""OpenAI's API as this server speaks it: the request bodies, the errors in OpenAI's shape, and the response and
+chunk shapes (the routes are in `openai_routes`).
 
-A chat completion is one best-of-k generation (`Engine.generate`) on the server's model worker, as `POST /generate`
-runs it: `reasoning_effort` is the mode (low / medium / high = k 2 / 8 / 32), `max_completion_tokens` (or
-`max_tokens`) the answer budget, and what a request leaves out takes the model's defaults
-(`engines.common.generation_options`). The chosen thinking, its `<think>` / `</think>` markers left out, is the
-message's `reasoning_content`; `usage.completion_tokens_details.reasoning_tokens` counts every thinking token of
-the k candidates. The extension object `sprm` takes `k`, `max_think_tokens` and `return_candidates`, and the
-response's `sprm` gives the chosen score and k (and, asked for, the candidates).
-
-`stream: true` answers in OpenAI's chunk format, but the generation is not incremental here: the chunks are cut
-from the finished generation (the reasoning in one chunk, then the answer one token at a time), so the first chunk
-arrives after the whole generation. Errors on /v1/ paths take OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}` (`openai_aware` wraps the server's own handlers); the other
-routes keep theirs.
+A chat completion is one best-of-k generation (`Engine.generate`) on the server's worker, as `POST /generate` runs
+it: `reasoning_effort` is the mode (low / medium / high = k 2 / 8 / 32), `max_completion_tokens` (or `max_tokens`)
+the answer budget, and what a request leaves out takes the model's defaults (`engines.common.generation_options`).
+The chosen thinking, its `<think>` / `</think>` markers left out, is the message's `reasoning_content`;
+`usage.completion_tokens_details.reasoning_tokens` counts every thinking token of the k candidates. The extension
+object `sprm` takes `k`, `max_think_tokens` and `return_candidates`, and the response's `sprm` gives the chosen
+score and k (and, asked for, the candidates). `stop` cuts each answer before its first stop string. Errors on /v1/
+paths take OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (`openai_aware` wraps the server's own
+handlers); the other routes keep theirs.
 """
 
 from __future__ import annotations
@@ -20,27 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import typing
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sprm_kernels.model.core.params import GenerationParams
-from sprm_kernels.model.core.selection import resolve_k
 from sprm_kernels.model.core.types import finite_or_none
 from sprm_kernels.model.engines.base import Engine
-from sprm_kernels.model.serving.disconnect import ClientGone, unless_disconnected, until_disconnected
 from sprm_kernels.model.serving.run import RETRY_AFTER_SECONDS
 from sprm_kernels.model.serving.schemas import MAX_K, request_field
+from sprm_kernels.model.serving.text_pieces import MAX_STOP_STRINGS, answer_pieces, cut_at_stop
 from sprm_kernels.model.serving.worker import ModelCallFailed, Overloaded, TimedOut
 
 logger = logging.getLogger("sprm.server")
@@ -94,6 +87,7 @@ ChatCompletionRequest = create_model(
     top_p=params_field("top_p"),
     seed=params_field("seed"),
     n=(int, Field(1, ge=1, le=MAX_K)),
+    stop=(str | list[str] | None, None),
     stream=(bool, False),
     stream_options=(StreamOptions | None, None),
     user=(str | None, None),
@@ -189,8 +183,19 @@ def finish_reason(model: Engine, answer_ids: list[int], max_answer_tokens: int) 
     return "stop" if answer_ids and answer_ids[-1] in special else "length"
 
 
-def choices_of(model: Engine, result, n: int, max_answer_tokens: int) -> list[dict]:
-    """The n best candidates (`ranked_candidates`) as {candidate, thinking, answer, answer_ids, finish_reason}."""
+def stop_strings(request) -> tuple[str, ...]:
+    """The request's `stop` as a tuple (OpenAI: a string or at most 4 of them, none empty)."""
+    stop = request.stop
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise OpenAIError(400, f"stop: expected at most {MAX_STOP_STRINGS} non-empty strings, got {list(stop)!r}",
+                          param="stop")  # fmt: skip
+    return stop
+
+
+def choices_of(model: Engine, result, n: int, max_answer_tokens: int, stop: tuple[str, ...] = ()) -> list[dict]:
+    """The n best candidates (`ranked_candidates`) as {candidate, thinking, raw_thinking, answer, answer_ids,
+    finish_reason}; an answer is cut before its first `stop` string (then its finish_reason is `stop`)."""
     choices = []
     for rank, j in enumerate(ranked_candidates(result)[:n]):
         candidate = result.candidates[j]
@@ -198,13 +203,16 @@ def choices_of(model: Engine, result, n: int, max_answer_tokens: int) -> list[di
         answer, ids = (
             (result.answer, result.answer_token_ids) if rank == 0 else (candidate.answer, candidate.answer_token_ids)
         )
+        answer, stopped = cut_at_stop(answer, stop)
+        end = "" if candidate.finished else model.tokenizer.decode([model.think_end_id])
         choices.append(
             {
                 "candidate": j,
                 "thinking": thinking_text(model, candidate.text),
+                "raw_thinking": candidate.text + end,  # as the model saw it before the answer
                 "answer": answer,
                 "answer_ids": ids,
-                "finish_reason": finish_reason(model, ids, max_answer_tokens),
+                "finish_reason": "stop" if stopped else finish_reason(model, ids, max_answer_tokens),
             }
         )
     return choices
@@ -255,30 +263,6 @@ def completion_json(head: dict, choices: list[dict], usage: dict, sprm: dict) ->
     }
 
 
-class TextPieces:
-    """What each longer prefix of an answer's ids adds to its text, held back while the text ends in a partial
-    character, so the pieces always add up to `decode(ids)` once `finish` is called."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.sent = tokenizer, ""
-
-    def update(self, ids: list[int], final: bool = False) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.startswith(self.sent) or (text.endswith("\ufffd") and not final):
-            return ""
-        piece, self.sent = text[len(self.sent) :], text
-        return piece
-
-
-def answer_pieces(tokenizer, ids: list[int]) -> Iterator[str]:
-    """The answer's text one token at a time (`TextPieces`)."""
-    pieces = TextPieces(tokenizer)
-    for end in range(1, len(ids) + 1):
-        piece = pieces.update(ids[:end], final=end == len(ids))
-        if piece:
-            yield piece
-
-
 def sse(chunk: dict) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
@@ -298,7 +282,8 @@ def chunk_makers(head: dict, include_usage: bool):
     return event, delta
 
 
-def stream_events(tokenizer, head: dict, choices: list[dict], usage: dict, sprm: dict, include_usage: bool):
+def stream_events(tokenizer, head: dict, choices: list[dict], usage: dict, sprm: dict, include_usage: bool,
+                  stop: tuple[str, ...] = ()):  # fmt: skip
     """The Server-Sent Events of a finished completion, in OpenAI's `chat.completion.chunk` format."""
 
     event, delta = chunk_makers(head, include_usage)
@@ -306,150 +291,10 @@ def stream_events(tokenizer, head: dict, choices: list[dict], usage: dict, sprm:
     for index, choice in enumerate(choices):
         yield event(delta(index, role="assistant", content=""))
         yield event(delta(index, reasoning_content=choice["thinking"]))
-        for piece in answer_pieces(tokenizer, choice["answer_ids"]):
+        for piece in answer_pieces(tokenizer, choice["answer_ids"], stop):
             yield event(delta(index, content=piece))
         last = index == len(choices) - 1
         yield event(delta(index, choice["finish_reason"]), **({"sprm": sprm} if last else {}))
     if include_usage:
         yield event([], usage=usage)
     yield "data: [DONE]\n\n"
-
-
-def error_of(error: Exception) -> Exception:
-    """A model call's exception as the server answers it: its own kinds kept, a refused argument a 400, anything
-    else a 500 that names it."""
-    if isinstance(error, (Overloaded, TimedOut, ClientGone, OpenAIError, ModelCallFailed)):
-        return error
-    if isinstance(error, ValueError):  # an argument the request model let through and `generate` refused
-        return OpenAIError(400, str(error))
-    return ModelCallFailed(f"generation failed: {type(error).__name__}: {error}")
-
-
-def error_body(error: Exception) -> dict:
-    return json.loads(openai_error_for(error).body)
-
-
-async def model_call(coro):
-    try:
-        return await coro
-    except Exception as error:
-        mapped = error_of(error)
-        if isinstance(mapped, ModelCallFailed):
-            logger.exception("chat completion failed")
-        raise mapped from None
-
-
-# -- routes -------------------------------------------------------------------------------------------------------
-
-
-def given_options(request) -> dict:
-    """GenerationParams keyword arguments of a chat request (None: not given, the model's default)."""
-    budget = request.max_completion_tokens
-    if budget is None:
-        budget = request.max_tokens
-    elif request.max_tokens is not None and request.max_tokens != budget:
-        raise OpenAIError(400, f"max_tokens: {request.max_tokens} disagrees with max_completion_tokens: {budget} "
-                          "(give one of them)", param="max_tokens")  # fmt: skip
-    sprm = request.sprm
-    k = None if sprm is None else sprm.k
-    if request.n > resolve_k(request.reasoning_effort, k):
-        raise OpenAIError(400, f"n: {request.n} choices, more than the {resolve_k(request.reasoning_effort, k)} "
-                          "candidates (set reasoning_effort or sprm.k higher)", param="n")  # fmt: skip
-    return {
-        "mode": request.reasoning_effort,
-        "k": k,
-        "max_think_tokens": None if sprm is None else sprm.max_think_tokens,
-        "max_answer_tokens": budget,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "seed": request.seed,
-        "answer_all": True if request.n > 1 else None,  # each of the n choices needs its own answer
-    }
-
-
-def add_openai_routes(
-    app: FastAPI,
-    model: Engine,
-    worker,
-    resolve: Callable[[list, dict], Awaitable[tuple[dict, str | None]]],
-    check_chars: Callable[[str, int], None],
-) -> None:
-    """The /v1/ routes. `worker`: the server's (`generate(prompt, **options)` and `stream(prompt, **options)`, the
-    events of `engines.base.SupportsAsync.astream`); `resolve(messages, given)`: (generate's keyword arguments,
-    overflow message or None), run off the event loop; `check_chars(what, chars)`: the text bound."""
-    model_name = model.info().model_name
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": OWNED_BY}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest, http: Request):
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        given = given_options(request)
-        try:
-            check_chars("messages", sum(len(m["content"]) for m in messages))
-        except StarletteHTTPException as error:
-            raise OpenAIError(error.status_code, str(error.detail), param="messages") from None
-        try:
-            options, overflow = await resolve(messages, given)
-        except ValueError as error:
-            raise OpenAIError(400, str(error), param="messages") from None
-        if overflow is not None:
-            raise OpenAIError(413, overflow, param="max_completion_tokens", code="context_length_exceeded")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": request.model or model_name}
-        return_candidates = request.sprm is not None and request.sprm.return_candidates
-        budget = options["max_answer_tokens"]
-
-        def finished(result) -> tuple[list[dict], dict, dict]:
-            choices = choices_of(model, result, request.n, budget)
-            return choices, usage_of(result, choices), sprm_of(result, choices, return_candidates)
-
-        if not request.stream:
-            result = await model_call(unless_disconnected(http, worker.generate(messages, **options)))
-            return completion_json(head, *finished(result))
-        include_usage = request.stream_options is not None and request.stream_options.include_usage
-        events = worker.stream(messages, **options)
-        # The first event (the reasoning, once chosen) before the response starts: an error until then (queue
-        # full, timeout) is still an HTTP status the client's library raises.
-        first = await model_call(unless_disconnected(http, anext(events)))
-
-        async def chunks():
-            if request.n > 1:  # n answers: streamed once all are decoded
-                async for event in until_disconnected(http, events):
-                    if event[0] == "result":
-                        for line in stream_events(model.tokenizer, head, *finished(event[1]), include_usage):
-                            yield line
-                return
-            event, delta = chunk_makers(head, include_usage)
-            _, candidates, best = first
-            yield event(delta(0, role="assistant", content=""))
-            yield event(delta(0, reasoning_content=thinking_text(model, candidates[best].text)))
-            pieces = TextPieces(model.tokenizer)
-            try:
-                async for kind, *payload in until_disconnected(http, events):
-                    if kind == "answer":
-                        piece = pieces.update(payload[0])
-                    elif kind == "result":
-                        choices, usage, sprm = finished(payload[0])
-                        piece = pieces.update(choices[0]["answer_ids"], final=True)
-                    if piece:
-                        yield event(delta(0, content=piece))
-                    if kind == "result":
-                        yield event(delta(0, choices[0]["finish_reason"]), sprm=sprm)
-                        if include_usage:
-                            yield event([], usage=usage)
-                        yield "data: [DONE]\n\n"
-            except Exception as error:  # after the headers: the error as a chunk, as OpenAI's streams send it
-                logger.exception("chat completion stream failed")
-                yield sse(error_body(error_of(error)))
-
-        return StreamingResponse(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, error: OpenAIError):
-        return openai_error_for(error)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):
-        return openai_error_for(error) if is_openai_path(request) else await http_exception_handler(request, error)

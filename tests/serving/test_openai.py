@@ -239,3 +239,38 @@ def test_full_queue_is_503(engine, monkeypatch):
             release.set()
             thread.join(EVENT_TIMEOUT)
         assert first and first[0].choices[0].message.content
+
+
+CHAT_TEXT = "<|user|>4+8+1+6+9+3=?<|end|><|assistant|><think>"  # what the shipped model's chat template writes
+
+
+def test_text_completion_is_the_chat_completion_without_its_template(client):
+    chat = client.chat.completions.create(model="shipped", messages=MESSAGES, reasoning_effort="low", seed=0)
+    text = client.completions.create(model="shipped", prompt=CHAT_TEXT, seed=0, extra_body={"reasoning_effort": "low"})
+    assert text.object == "text_completion"
+    # The same prompt ids, so the same generation: the text is the chosen thinking as written, then the answer.
+    assert text.choices[0].text.endswith("</think>" + chat.choices[0].message.content)
+    assert text.choices[0].text.removesuffix(chat.choices[0].message.content).replace("</think>", "") == extra(
+        chat.choices[0].message, "reasoning_content"
+    )
+    assert text.usage == chat.usage and text.choices[0].finish_reason == chat.choices[0].finish_reason
+    streamed = client.completions.create(
+        model="shipped", prompt=CHAT_TEXT, seed=0, stream=True, extra_body={"reasoning_effort": "low"}
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == text.choices[0].text
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="shipped", prompt=[CHAT_TEXT, CHAT_TEXT])
+    assert refused.value.body["param"] == "prompt"
+
+
+def test_stop_cuts_the_answer_before_the_stop_string(client):
+    options = {"model": "shipped", "messages": MESSAGES, "reasoning_effort": "low", "seed": 0}
+    whole = client.chat.completions.create(**options).choices[0].message.content
+    assert len(whole) >= 2
+    cut = client.chat.completions.create(**options, stop=[whole[1:]])
+    assert cut.choices[0].message.content == whole[:1] and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(**options, stop=whole[1:], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole[:1]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**options, stop=["a", "b", "c", "d", "e"])
+    assert refused.value.body["param"] == "stop"

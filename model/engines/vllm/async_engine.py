@@ -240,12 +240,7 @@ class AsyncVLLMReflectiveModel:
             raise ValueError(f"backend: expected None, 'auto', 'torch' or 'triton', got {backend!r}")
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected a bool, got {progress!r}")
-        messages = isinstance(prompt_or_messages, (list, tuple)) and all(
-            isinstance(m, dict) for m in prompt_or_messages
-        )
-        if not (isinstance(prompt_or_messages, str) or messages):
-            raise ValueError("prompt_or_messages: expected a prompt string or a list of {'role', 'content'} dicts, "
-                             f"got {type(prompt_or_messages).__name__}")  # fmt: skip
+        # chat_prompt_ids checks the prompt: a string, a TextPrompt, or a list of {"role", "content"} messages
         prompt = chat_prompt_ids(self.tokenizer, prompt_or_messages)
         self._check_lengths([prompt], "prompt_or_messages", extra=1)
         return prompt, params
