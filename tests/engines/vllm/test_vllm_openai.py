@@ -128,3 +128,15 @@ def test_errors_are_openai_errors(served):
         f"{base}/v1/chat/completions", json={"messages": MESSAGES, "sprm": {"k": 0}}, timeout=EVENT_TIMEOUT
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "sprm.k"
+
+
+def test_text_completion_streams_the_thinking_then_the_answer(served):
+    base, _ = served
+    client = client_of(base)
+    prompt = "<|user|>4+8+1+6+9+3=?<|end|><|assistant|><think>"
+    whole = client.completions.create(model="shipped", prompt=prompt, seed=0, extra_body={"reasoning_effort": "low"})
+    chat = client.chat.completions.create(model="shipped", messages=MESSAGES, reasoning_effort="low", seed=0)
+    assert whole.choices[0].text.endswith("</think>" + chat.choices[0].message.content)
+    chunks = list(client.completions.create(model="shipped", prompt=prompt, seed=0, stream=True,
+                                            extra_body={"reasoning_effort": "low"}))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
