@@ -9,13 +9,12 @@ rows are aborted there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 
 from sprm_kernels.model.core.types import ScoreResult
-from sprm_kernels.model.serving.worker import Overloaded, ServerStats, TimedOut
+from sprm_kernels.model.serving.worker import Admission, ServerStats, TimedOut, log_generation
 
 logger = logging.getLogger("sprm.server")
 
@@ -26,30 +25,18 @@ class AsyncWorker:
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.stats = ServerStats()
-        self.in_hand = 0
         self.changed = threading.Condition()  # notified whenever a request comes or leaves (`wait_until`)
+        self.admission = Admission(max_queue, self.stats, on_change=self._notify)
+
+    @property
+    def in_hand(self) -> int:
+        return self.admission.in_hand
 
     async def start(self) -> None:
         return None
 
     async def stop(self) -> None:
         return None
-
-    @contextlib.contextmanager
-    def _admitted(self, count: int):
-        if self.in_hand + count > self.max_queue:
-            raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
-        self.in_hand += count
-        self.stats.accepted += count
-        self._notify()
-        try:
-            yield
-        except asyncio.CancelledError:
-            self.stats.cancelled += 1
-            raise
-        finally:
-            self.in_hand -= count
-            self._notify()
 
     def _notify(self) -> None:
         with self.changed:
@@ -69,26 +56,25 @@ class AsyncWorker:
             raise TimedOut(f"the request ran past the server's limit of {self.request_timeout:g} s") from None
 
     async def score(self, sequences: list[list[int]]) -> list[ScoreResult]:
-        with self._admitted(len(sequences)):
+        with self.admission.admitted(len(sequences)):
             results = await self._bounded(self.model.ascore(sequences, return_all_scores=True))
         self.stats.texts_scored += len(sequences)
         self.stats.batches_served += 1
         return results
 
     async def generate(self, prompt, **options):
-        with self._admitted(1):
+        with self.admission.admitted(1):
             start = time.perf_counter()
             try:
                 result = await self._bounded(self.model.agenerate(prompt, **options))
             finally:
                 self.stats.generations += 1
-        logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
-                    result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
+        log_generation(result, start)
         return result
 
     async def stream(self, prompt, **options):
         """The engine's `astream` events, under the same bound and deadline."""
-        with self._admitted(1):
+        with self.admission.admitted(1):
             deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
             events = self.model.astream(prompt, **options)
             try:

@@ -54,8 +54,42 @@ class ServerStats:
     failed_batches: int = 0  # batches that raised and were retried one text at a time
     failed_texts: int = 0
     generations: int = 0
-    cancelled: int = 0  # requests whose client went away (or were cancelled) before the answer (async worker)
+    cancelled: int = 0  # requests cancelled before their answer (a client that went away)
     timed_out: int = 0  # requests cut at the server's request_timeout (async worker)
+
+
+class Admission:
+    """The server's bound: at most `max_queue` texts and generations in hand (queued or running); more raise
+    `Overloaded`. `on_change()` is called whenever the count moves (a request comes or leaves)."""
+
+    def __init__(self, max_queue: int, stats: ServerStats, on_change: Callable[[], None] | None = None):
+        self.max_queue, self.stats, self.on_change = max_queue, stats, on_change
+        self.in_hand = 0
+
+    @contextlib.contextmanager
+    def admitted(self, count: int):
+        if self.in_hand + count > self.max_queue:
+            raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
+        self.in_hand += count
+        self.stats.accepted += count
+        self._changed()
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.stats.cancelled += 1
+            raise
+        finally:
+            self.in_hand -= count
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+
+def log_generation(result, start: float) -> None:
+    logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
+                result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
 
 
 @dataclass
@@ -72,7 +106,7 @@ class ModelWorker:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.stats = ServerStats()
-        self.in_hand = 0  # texts and generations accepted and not answered yet (queued or running)
+        self.admission = Admission(max_queue, self.stats)
         self._queue: deque[_QueuedText] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sprm-model")
         # Held around every model call. A batch is formed once the lock is won, i.e. when the model is free, so it
@@ -94,36 +128,29 @@ class ModelWorker:
                 await self._batcher
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
-    @contextlib.contextmanager
-    def _admitted(self, count: int):
-        if self.in_hand + count > self.max_queue:
-            raise Overloaded(f"queue full ({self.in_hand} of {self.max_queue} in hand); retry later")
-        self.in_hand += count
-        self.stats.accepted += count
-        try:
-            yield
-        finally:
-            self.in_hand -= count
+    @property
+    def in_hand(self) -> int:
+        """Texts and generations accepted and not answered yet (queued or running)."""
+        return self.admission.in_hand
 
     async def score(self, sequences: list[list[int]]) -> list[ScoreResult]:
         """Scores of token id lists, each scored in whichever batch it lands in."""
         loop = asyncio.get_running_loop()
-        with self._admitted(len(sequences)):
+        with self.admission.admitted(len(sequences)):
             queued = [_QueuedText(ids, loop.create_future()) for ids in sequences]
             self._queue.extend(queued)
             self._wakeup.set()
             return list(await asyncio.gather(*(item.future for item in queued)))
 
     async def generate(self, prompt, **options):
-        with self._admitted(1):
+        with self.admission.admitted(1):
             async with self._model_lock:
                 start = time.perf_counter()
                 try:
                     result = await self._in_worker(partial(self.model.generate, prompt, **options))
                 finally:
                     self.stats.generations += 1
-        logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
-                    result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
+        log_generation(result, start)
         return result
 
     async def stream(self, prompt, **options):
