@@ -140,3 +140,39 @@ def test_text_completion_streams_the_thinking_then_the_answer(served):
     chunks = list(client.completions.create(model="shipped", prompt=prompt, seed=0, stream=True,
                                             extra_body={"reasoning_effort": "low"}))  # fmt: skip
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+
+
+def test_a_full_queue_is_503_with_retry_after(vllm_async_shipped):
+    """With the engine paused nothing finishes, so the first request surely holds the only place in the queue."""
+    engine = vllm_async_shipped
+    app = create_app(engine, max_queue=1, request_timeout=EVENT_TIMEOUT)
+    with running(app) as base, ThreadPoolExecutor(1) as pool:
+        worker = app.state.worker
+        asyncio.run(engine.pause())
+        try:
+            first = pool.submit(requests.post, f"{base}/v1/chat/completions", timeout=EVENT_TIMEOUT,
+                                json={"messages": MESSAGES, "reasoning_effort": "low", "seed": 0})  # fmt: skip
+            assert worker.wait_until(lambda: worker.in_hand == 1, EVENT_TIMEOUT)
+            with pytest.raises(openai.InternalServerError) as full:  # the client's class for statuses >= 500
+                client_of(base).chat.completions.create(model="shipped", messages=MESSAGES)
+        finally:
+            asyncio.run(engine.resume())
+        assert full.value.status_code == 503 and full.value.response.headers["retry-after"] == "1"
+        assert first.result(EVENT_TIMEOUT).status_code == 200  # resumed: the first one is answered
+
+
+def test_a_request_past_the_timeout_is_504_and_its_rows_are_aborted(vllm_async_shipped):
+    """With the engine paused the request cannot finish, so it surely runs past its 0.5 s."""
+    engine = vllm_async_shipped
+    app = create_app(engine, request_timeout=0.5)
+    with running(app) as base:
+        asyncio.run(engine.pause())
+        try:
+            response = requests.post(f"{base}/v1/chat/completions", timeout=EVENT_TIMEOUT,
+                                     json={"messages": MESSAGES, "reasoning_effort": "high", "seed": 0})  # fmt: skip
+            state = asyncio.run(engine.engine_state())  # still paused: nothing could have finished
+        finally:
+            asyncio.run(engine.resume())
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+    assert app.state.worker.stats.timed_out == 1
+    assert state == {"unfinished_requests": 0, "records": 0}
