@@ -145,8 +145,9 @@ async def load(ask, concurrency: int, requests: int, timeout: float) -> dict:
 
 
 def start(command: list[str]) -> subprocess.Popen:
+    """A server subprocess; its output (vLLM logs to stdout) goes to stderr, so stdout is the table alone."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    return subprocess.Popen(command, env=env)
+    return subprocess.Popen(command, env=env, stdout=sys.stderr)
 
 
 def stop(children: list[subprocess.Popen]) -> None:
