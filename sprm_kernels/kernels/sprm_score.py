@@ -244,6 +244,20 @@ GPU_TILES = {
     (2, True): (64, 64, 16, 8, 3),
     (3, True): (64, 64, 16, 8, 3),
 }
+# Per-arch replacements. sm_90, large bucket: BLOCK_K = 64 with 3 stages (96 KiB of shared memory) halves the K steps
+# of a 128 x 128 tile, and with them the per-step pipeline overhead that the performance model charges (modeled
+# 6.27 -> 5.46 ms at S = 32768, H = 5120 on H100, same DRAM bytes; docs/performance.md): 223-225 registers on
+# triton 3.9.0 and 195-206 on 3.6.0, 0 spills (sprm_score, step_logits with and without an index). On sm_80 the
+# same tile sat at the 255-register cap on triton 3.6.0 (mma.sync holds the operand fragments in registers).
+# 128 x 256 tiles fit on triton 3.6.0 (203-205 registers) but take 254-255 on 3.9.0, over the 240 bound.
+# sm_90, medium bucket: the same K step for the 64 x 128 tile (72 KiB of shared memory; modeled 124 -> 98 us at
+# S = 512, H = 5120 on H100): 119-120 registers on 3.9.0, so two CTAs per SM as before; on 3.6.0 sprm_score takes
+# 115 (two per SM) and step_logits 133-139 (one per SM: its prologue and epilogue are then exposed, modeled 5%
+# slower than before at H = 1536, 9-13% faster at H = 3584 and 5120).
+ARCH_TILES = {
+    (90, 2, False): (64, 128, 64, 8, 3),
+    (90, 3, False): (128, 128, 64, 8, 3),
+}
 INTERPRETER_TILES = (16, 16, 32, 4, 1)  # small numpy work per program
 INTERPRETER_GROUP_SPLITS, INTERPRETER_PROGRAMS = 2, 4  # grouped order (partial groups) and split reduction on CPU
 
@@ -276,6 +290,11 @@ def gemm_group_splits(splits: int, block_s: int, block_n: int, row_bytes: int, g
     return triton.cdiv(splits, groups)
 
 
+def gpu_tiles(bucket: int, fp32: bool, arch: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_S, BLOCK_N, BLOCK_K, num_warps, num_stages) of a bucket on a GPU arch: ARCH_TILES, else GPU_TILES."""
+    return ARCH_TILES.get((arch, bucket, fp32), GPU_TILES[(bucket, fp32)])
+
+
 def row_bucket(num_rows: int) -> int:
     """0, 1, 2 or 3: the bucket of S that picks the constexpr tiles (at most four compiled variants)."""
     return sum(num_rows > bound for bound in ROW_BUCKETS)
@@ -296,7 +315,7 @@ def pick_score_config(num_rows: int, hidden_size: int, width: int, dtype: torch.
     if gpu is None:
         block_s, block_n, block_k, warps, stages = INTERPRETER_TILES
     else:
-        block_s, block_n, block_k, warps, stages = GPU_TILES[(bucket, fp32)]
+        block_s, block_n, block_k, warps, stages = gpu_tiles(bucket, fp32, gpu.arch)
     row_blocks = triton.cdiv(max(num_rows, 1), block_s)
     if num_rows == 0:  # nothing to score: one program, no columns (no W1 traffic), writes the empty results
         splits, granule, granules, group_splits = 1, block_n, 0, 1
@@ -414,7 +433,8 @@ def zeroed_tickets(device: torch.device, count: int) -> torch.Tensor:
     buffer = _TICKETS.get(key)
     if buffer is None or buffer.numel() < count:
         size = max(count, 64, 2 * buffer.numel() if buffer is not None else 0)
-        buffer = _TICKETS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # a normal tensor: one made under inference_mode (an HF engine's decode)
+            buffer = _TICKETS[key] = torch.zeros(size, dtype=torch.int32, device=device)  # could not be reset outside
     return buffer[:count]
 
 

@@ -97,7 +97,8 @@ class StepLogitsBuffers:
     def _at_least(buffer, count, dtype, device, fill):
         if buffer is None or buffer.numel() < count or buffer.device != device:
             size = max(count, 2 * buffer.numel() if buffer is not None else 0)
-            buffer = (torch.zeros if fill else torch.empty)(size, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # usable in and out of inference_mode, as the ticket cache
+                buffer = (torch.zeros if fill else torch.empty)(size, dtype=dtype, device=device)
         return buffer
 
     def take(self, num_rows: int, num_partials: int, row_blocks: int, device) -> tuple:

@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from sprm_kernels.kernels.schedule import program_tile, split_columns
-from sprm_kernels.perf_model import GPUS, Gpu, Launch, LruCache, ctas_per_sm, model_launch, replay_l2
+from sprm_kernels.perf_model import (
+    GPUS,
+    Gpu,
+    Launch,
+    LruCache,
+    ctas_per_sm,
+    model_launch,
+    operand_feed_bytes,
+    replay_l2,
+    tile_seconds,
+)
 
 
 @pytest.mark.parametrize("row_blocks", [1, 2, 5, 7])
@@ -160,14 +170,15 @@ def test_autotuning_is_opt_in_and_constructs(monkeypatch):
     """SPRM_AUTOTUNE=1 cannot be timed here (no GPU); this checks the switch and that the wrapper builds and
     prunes to the launch's regime, with the static pick among the candidates."""
     from sprm_kernels.kernels import autotune
-    from sprm_kernels.kernels.sprm_score import GPU_TILES, sprm_score_kernel
+    from sprm_kernels.kernels.sprm_score import ARCH_TILES, GPU_TILES, sprm_score_kernel
 
     monkeypatch.delenv("SPRM_AUTOTUNE", raising=False)
     meta = dict(BLOCK_K=64, num_warps=8, num_stages=3, BLOCK_S=128)
     assert autotune.maybe_autotuned(sprm_score_kernel, meta, ("ticket_ptr",)) == (sprm_score_kernel, meta)
     tuned = autotune.tuned_kernel(sprm_score_kernel, ("ticket_ptr",))
     assert tuned.keys == ["tune_key", "H", "F"]
-    for (bucket, fp32), (_, _, block_k, warps, stages) in GPU_TILES.items():
+    arch_tiles = {(bucket, fp32): tiles for (_, bucket, fp32), tiles in ARCH_TILES.items()}
+    for (bucket, fp32), (_, _, block_k, warps, stages) in [*GPU_TILES.items(), *arch_tiles.items()]:
         kept = autotune._prune(tuned.configs, {"tune_key": bucket}, FP32_INPUTS=fp32)
         assert kept and all(c.sprm_regime == (autotune._regime(bucket), fp32) for c in kept)
         assert (block_k, warps, stages) in [(c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept]
@@ -185,3 +196,67 @@ def test_model_reproduces_the_reviews_figures_for_the_old_schedule():
                         registers=166, shared_bytes=96 * 1024, num_warps=8)  # fmt: skip
     assert round(h100["modeled_dram_bytes"] / 1e9, 1) == 13.8
     assert round(a100["modeled_dram_bytes"] / 1e9, 1) == 27.2
+
+
+def large(block_k, num_stages, **changes):
+    """S = 32768, H = 5120 bf16 in 128 x 128 tiles: 256 row blocks x 80 splits, groups of 27 splits (H100)."""
+    fields = dict(rows=32768, hidden=5120, width=10240, element=2, block_s=128, block_n=128, block_k=block_k,
+                  num_splits=80, granule=128, group_splits=27, num_stages=num_stages, num_warps=8)  # fmt: skip
+    fields.update(changes)
+    return Launch(**fields)
+
+
+def test_operand_feed_by_hand():
+    h100, a100 = GPUS[90], GPUS[80]
+    # wgmma, 2 warpgroups split M: A 128 x 32 once, B 32 x 128 once per warpgroup: (128 + 2 x 128) x 32 x 2 bytes
+    assert operand_feed_bytes(h100, 128, 128, 32, 8, 2) == 24576
+    # one MMA tall (64 rows): the warpgroups split N, each reads all of A: (2 x 64 + 128) x 32 x 2
+    assert operand_feed_bytes(h100, 64, 128, 32, 8, 2) == 16384
+    # mma.sync, 8 warps: the best grid (4 x 2 or 2 x 4) reads (128 x 2 + 128 x 4) x 32 x 2 bytes
+    assert operand_feed_bytes(a100, 128, 128, 32, 8, 2) == 49152
+
+
+def test_tile_rate_by_hand():
+    """H100, 128 x 128 x 32 bf16, 8 warps: 256 MMA cycles and 192 feed cycles per K step, + 96 overhead = 352;
+    160 steps at the sustained clock (798 TFLOP/s / (132 x 4096) = 1.476 GHz) = 38.2 us, + 1 us prologue and
+    1 us epilogue with one CTA per SM (nothing hides them). BLOCK_K = 64: 608 cycles x 80 steps."""
+    h100 = GPUS[90]
+    clock = 798e12 / (132 * 4096)
+    seconds, efficiency = tile_seconds(large(32, 4), h100, co_resident=1)
+    assert efficiency == pytest.approx(256 / 352)
+    assert seconds == pytest.approx(160 * 352 / clock + 2e-6)
+    assert tile_seconds(large(32, 4), h100, co_resident=2)[0] == pytest.approx(160 * 352 / clock)  # hidden
+    assert tile_seconds(large(32, 4, persistent=True), h100, 1)[0] == pytest.approx(160 * 352 / clock + 1e-6)
+    seconds, efficiency = tile_seconds(large(64, 3), h100, co_resident=1)
+    assert efficiency == pytest.approx(512 / 608) and seconds == pytest.approx(80 * 608 / clock + 2e-6)
+    # a perfect tile (no overhead, feed under the MMAs) runs at exactly the achievable rate
+    ideal = Gpu(**{**h100.__dict__, "step_overhead_clk": 0.0, "tile_epilogue_s": 0.0, "dram_latency_s": 0.0})
+    seconds, efficiency = tile_seconds(large(64, 3), ideal, co_resident=1)
+    assert efficiency == 1.0 and seconds == pytest.approx(2 * 128 * 128 * 5120 / (798e12 / 132))
+
+
+def test_large_bucket_model_is_not_at_the_roofline():
+    """The review: at S = 32768, H = 5120 the flat 798 TFLOP/s made the old tiles 1.006x the roofline. The tile
+    rate puts them at 1.46x (549 TFLOP/s: 20480 tiles, 156 per SM, 40.2 us each); the sm_90 pick (BLOCK_K = 64,
+    3 stages) at 1.27x. Same DRAM bytes: the order is the same."""
+    h100 = GPUS[90]
+    old = model_launch(large(32, 4), h100, registers=209, shared_bytes=65536, num_warps=8)
+    new = model_launch(large(64, 3), h100, registers=225, shared_bytes=98304, num_warps=8)
+    assert old["ctas_per_sm"] == new["ctas_per_sm"] == 1
+    assert old["modeled_time_us"] / old["roofline_time_us"] == pytest.approx(1.455, abs=0.005)
+    assert new["modeled_time_us"] / new["roofline_time_us"] == pytest.approx(1.267, abs=0.005)
+    assert old["modeled_dram_bytes"] == new["modeled_dram_bytes"]
+    assert new["tile_math_tflops"] < 0.85 * 798
+
+
+def test_sm90_large_bucket_takes_wider_k_steps():
+    from sprm_kernels.kernels.sprm_score import GpuInfo, pick_score_config
+
+    for arch, block_k, stages in ((90, 64, 3), (80, 32, 4)):
+        gpu = GpuInfo(GPUS[arch].sms, GPUS[arch].l2_bytes, arch)
+        cfg = pick_score_config(32768, 5120, 10240, torch.bfloat16, gpu)
+        assert (cfg.block_s, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (128, 128, block_k, 8, stages)
+        medium = pick_score_config(512, 5120, 10240, torch.bfloat16, gpu)
+        assert (medium.block_s, medium.block_k, medium.num_stages) == (64, block_k, stages)
+        assert pick_score_config(512, 5120, 10240, torch.float32, gpu).block_k == 16  # fp32 tiles do not change
+        assert pick_score_config(8, 5120, 10240, torch.bfloat16, gpu).block_k == 128  # nor the decode tiles

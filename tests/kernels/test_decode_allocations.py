@@ -148,3 +148,23 @@ def test_step_scorer_update_allocates_nothing(no_allocations):
         reference.update(states, flags, want)
     assert torch.equal(scorer.sum_log, reference.sum_log) and torch.equal(scorer.count, reference.count)
     assert not scorer.ticket.any()
+
+
+def test_buffers_made_under_inference_mode_stay_usable_outside_it():
+    """An HF engine decodes under torch.inference_mode; the ticket cache and step_logits buffers it creates there
+    must still be reset and written by a later launch outside it (training), not be inference tensors."""
+    from sprm_kernels.kernels import sprm_score as module
+    from sprm_kernels.kernels.step_logits import StepLogitsBuffers
+
+    device = torch.device("cpu")
+    module._TICKETS.pop(module._ticket_key(device), None)
+    buffers = StepLogitsBuffers()
+    with torch.inference_mode():
+        module.zeroed_tickets(device, 8)
+        logits, partial, tickets = buffers.take(4, 8, 2, device)
+    module.zeroed_tickets(device, 8)[3] = 2  # in place, outside inference mode
+    module._TICKETS.pop(module._ticket_key(device), None)
+    logits, partial, tickets = buffers.take(4, 8, 2, device)
+    tickets.add_(1)
+    logits.fill_(0.0)
+    assert not torch.is_inference(logits) and not torch.is_inference(tickets)
