@@ -1,5 +1,6 @@
 """`sprm eval`: best-of-k accuracy on held-out problems of the shipped task (`evaluation.best_of_k`), or with
-`--search` the compute view (`evaluation.compute_view`); `--ray` spreads the sampling over Ray actors."""
+`--search` the compute view (`evaluation.compute_view`), or with `--prune` best-of-k against pruning of the same
+rows (`evaluation.pruning`); `--ray` spreads the sampling over Ray actors."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ from sprm_kernels.model.core.params import SEARCH_METHODS
 from sprm_kernels.model.evaluation.best_of_k import DEFAULT_KS
 
 NAME = "eval"
+PRUNE_VIEW_RULES = ("margin", "halving", "hybrid", "confidence")
+
+
+def non_negative_float_list(text: str) -> list[float]:
+    """`0.5,1,2` -> [0.5, 1.0, 2.0]: comma-separated finite floats >= 0, at least one."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not (v >= 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated floats >= 0 such as 0.5,1,2, got {text!r}")
+    return values
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,6 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--widths", type=positive_int_list, default=[1, 2, 4], help="--search: beam widths / DVTS subtrees (1,2,4)"
     )
     parser.add_argument("--expansions", type=positive_int, default=2, help="--search: children per beam (default 2)")
+    parser.add_argument(
+        "--prune", default=None, metavar="margin,halving",
+        help="best-of-k (k: the largest of --ks) against these pruning rules on the same rows, accuracy against "
+        "thinking tokens (vLLM engine; docs/pruning.md)",
+    )  # fmt: skip
+    parser.add_argument("--prune-margins", type=non_negative_float_list, default=[0.5, 1.0, 2.0],
+                        help="--prune margin: the margins to run (default 0.5,1,2)")  # fmt: skip
+    parser.add_argument("--prune-keeps", type=positive_int_list, default=[1, 2, 4],
+                        help="--prune halving: the rows each run keeps at least (default 1,2,4)")  # fmt: skip
+    parser.add_argument(
+        "--prune-every",
+        type=positive_int,
+        default=1,
+        help="--prune: scored steps before a row can be stopped; halving: steps per rung (default 1)",
+    )
+    parser.add_argument("--confidence-warmup", type=positive_int, default=2,
+                        help="--prune confidence: warm-up rows per problem (default 2)")  # fmt: skip
+    parser.add_argument("--confidence-window", type=positive_int, default=16,
+                        help="--prune confidence: tokens per confidence window (default 16)")  # fmt: skip
     parser.add_argument("--difficulty", type=int, default=None, help="terms per problem (default: the model's)")
     add_ray_arguments(parser, out_help="with --ray: stream one row per problem to this .jsonl or .parquet file")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
@@ -71,6 +103,15 @@ def check_arguments(args: argparse.Namespace) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError(f"--plot {args.plot}: needs matplotlib (pip install matplotlib)") from None
+    if args.prune is not None:
+        rules = tuple(m.strip() for m in args.prune.split(","))
+        if not rules or any(m not in PRUNE_VIEW_RULES for m in rules):
+            raise UsageError(f"--prune: expected a comma-separated list of {', '.join(PRUNE_VIEW_RULES)}, got "
+                             f"{args.prune!r}")  # fmt: skip
+        if args.engine != "vllm":
+            raise UsageError(f"--prune: the {args.engine} engine does not prune (use --engine vllm)")
+        if args.search is not None or args.ray is not None:
+            raise UsageError("--prune: not with --search or --ray")
     if args.search is not None:
         methods = tuple(m.strip() for m in args.search.split(","))
         if not methods or any(m not in SEARCH_METHODS for m in methods):
@@ -88,6 +129,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar: stderr is for the progress below
     if args.search:
         return run_compute_view(args)
+    if args.prune:
+        return run_pruning_view(args)
     parser = parser or argparse.ArgumentParser(prog="sprm eval")
     workers = workers_from_args(parser, args)
     if args.out is not None:
@@ -123,5 +166,19 @@ def run_compute_view(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.plot:
         plot([result], args.plot)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
+def run_pruning_view(args: argparse.Namespace) -> int:
+    from sprm_kernels.model.evaluation.pruning import configurations, format_table, pruning_view
+
+    rules = tuple(m.strip() for m in args.prune.split(","))
+    configs = configurations(rules, margins=args.prune_margins, keeps=args.prune_keeps, every=args.prune_every,
+                             warmup=args.confidence_warmup, window=args.confidence_window)  # fmt: skip
+    result = pruning_view(
+        args.model, engine=args.engine, n=args.n, k=max(args.ks), configs=configs, seed=args.seed,
+        difficulty=args.difficulty, progress=not args.quiet, threads=args.threads,
+    )  # fmt: skip
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

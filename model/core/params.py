@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
-from sprm_kernels.model.core.selection import check_int, resolve_k
+from sprm_kernels.model.core.selection import PRUNE_RULES, check_int, resolve_k
 
 
 def option(default, help: str, **extra):
@@ -54,6 +54,8 @@ def check_float(name: str, value, meta) -> None:
     ):
         if low_open is not None and high is not None:
             wanted = f"in ({low_open}, {high}]"
+        elif low is not None and high is not None:
+            wanted = f"in [{low}, {high}]"
         else:
             wanted = " ".join(part for part in (f">= {low}" if low is not None else "", "(0 is greedy)"
                                                 if name.endswith("temperature") else "") if part)  # fmt: skip
@@ -82,6 +84,31 @@ class GenerationParams:
     seed: int | None = option(None, "sampling seed (default: none, so two runs differ: not reproducible)")
     return_features: bool = option(False, "keep the layer L-2 rows of every scored step (for training the head)")
     answer_all: bool = option(False, "also answer after every losing candidate")
+    prune: str = option(
+        "none", "stop thinking rows that fall behind (vLLM engine; docs/pruning.md): margin (below the prompt's best "
+        "row by --prune-margin), halving (keep the better half every --prune-every steps), hybrid (both), or "
+        "confidence (DeepConf online: token confidence below a threshold from warm-up rows)",
+        choices=PRUNE_RULES,
+    )  # fmt: skip
+    prune_margin: float = option(1.0, "margin: the gap in mean log p (nats) below the best row that stops a row",
+                                 minimum=0)  # fmt: skip
+    prune_every: int = option(
+        1, "scored steps a row writes before it can be stopped; halving: steps per rung", minimum=1
+    )
+    prune_keep: int = option(2, "pruning never leaves fewer rows than this per prompt", minimum=1)
+    prune_poll: int = option(12, "pruning: engine steps (tokens per row) between two reads of the rows' scores",
+                             minimum=1)  # fmt: skip
+    confidence_window: int = option(16, "confidence: tokens per sliding window of token confidence", minimum=1)
+    return_confidence: bool = option(
+        False, "give each candidate its DeepConf confidence, the lowest window mean (vLLM engine; for selection)"
+    )
+    confidence_warmup: int = option(
+        2, "confidence: rows per prompt that run first, to the end, and set the threshold", minimum=1
+    )
+    confidence_percentile: float = option(
+        10.0, "confidence: the threshold is this percentile of the warm-up rows' lowest window confidence "
+        "(10: DeepConf-high, 90: DeepConf-low)", minimum=0, maximum=100,
+    )  # fmt: skip
 
     def __post_init__(self):
         check_fields(self)

@@ -44,6 +44,8 @@ class Candidate:
     # generate(answer_all=True): this candidate's answer, decoded from its own KV cache; None otherwise.
     answer_token_ids: list[int] | None = None
     answer: str | None = None
+    pruned: bool = False  # stopped early by `prune` (vLLM engine): a candidate that lost (docs/pruning.md)
+    confidence: float | None = None  # the row's lowest window confidence (`return_confidence`, vLLM engine)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class GenerationStats:
     # Answer-phase prompt tokens served from a prefix cache instead of going through the model (vLLM engine; the HF
     # engine continues from the chosen row's own KV and feeds no prompt token again, so 0 there).
     answer_cached_tokens: int = 0
+    pruned_rows: int = 0  # rows stopped by `prune`
+    pruned_think_tokens: int = 0  # thinking tokens pruning saved (estimated: each pruned row as the kept rows' mean)
 
     @property
     def total_tokens(self) -> int:
@@ -105,6 +109,7 @@ def generation_json(result, *, token_ids: bool = False) -> dict:
             "step_scores": [finite_or_none(p) for p in candidate.step_scores],
             "score_positions": candidate.score_positions,
             "finished": candidate.finished,
+            "pruned": candidate.pruned,
             "num_tokens": len(candidate.token_ids),
         }
         if token_ids:
@@ -123,6 +128,8 @@ def generation_json(result, *, token_ids: bool = False) -> dict:
             "total_tokens": stats.total_tokens,
             "padded_decode_tokens": stats.padded_decode_tokens,
             "rounds": stats.rounds,
+            "pruned_rows": stats.pruned_rows,
+            "pruned_think_tokens": stats.pruned_think_tokens,
             "seconds": stats.seconds,
         },
     }

@@ -28,7 +28,8 @@ from sprm_kernels.model.shipped import SHIPPED_DIR, task
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 SUBSETS = 64  # random k-subsets per problem and k (all 32 candidates once for k = 32)
-METHODS = ("pass@1", "majority", "fewest_n", "sprm", "sprm_bce", "sprm_vote", "oracle", "random")
+METHODS = ("pass@1", "majority", "fewest_n", "sprm", "sprm_bce", "sprm_vote", "confidence", "confidence_vote", "oracle",
+           "random")  # fmt: skip
 NO_VERDICT = f" n{task.STEP}"  # how the policy writes a step it judged wrong
 
 
@@ -43,16 +44,19 @@ def sample_candidates(
     max_answer_tokens: int = 0,
     progress: bool = False,
     first_index: int = 0,
+    confidence: bool = False,
 ) -> dict:
-    """k thinking candidates per problem: sequences (prompt + thinking ids), texts, answers, correct, scores.
+    """k thinking candidates per problem: sequences (prompt + thinking ids), texts, answers, correct, scores, and
+    with `confidence` (vLLM engine: `return_confidence`) each candidate's DeepConf confidence, else None.
     Problem i is sampled with seed `seed * 1_000_003 + first_index + i`: its own, whatever else is sampled."""
-    keys = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best")
+    keys = ("sequences", "texts", "answers", "correct", "finished", "scores", "chosen_answer", "best", "confidence")
     out = {key: [] for key in keys}
     update = counter(len(problems), "sprm eval: sampled problems", progress, every=max(1, len(problems) // 10))
     for i, problem in enumerate(problems):
         result = rm.generate(
             problem.prompt, k=k, temperature=temperature, top_p=1.0, seed=seed * 1_000_003 + first_index + i,
             max_think_tokens=max_think_tokens, max_answer_tokens=max_answer_tokens, backend="torch",
+            **({"return_confidence": True} if confidence else {}),
         )  # fmt: skip
         candidates = result.candidates
         answers = [task.answer_from_thinking(c.text) if c.finished else None for c in candidates]
@@ -64,14 +68,17 @@ def sample_candidates(
         out["scores"].append([c.score for c in candidates])
         out["chosen_answer"].append(result.answer)
         out["best"].append(result.best)
+        out["confidence"].append([c.confidence for c in candidates])  # None: the engine has none
         update()
     return out
 
 
 def _best(scores: np.ndarray, finished: np.ndarray) -> np.ndarray:
-    """choose_best over the last axis: finished first, then the highest score (NaN lowest), lowest index on ties."""
-    key = np.where(np.isnan(scores), -1.0, scores) + 2.0 * finished  # scores lie in [0, 1]
-    return key.argmax(-1)
+    """choose_best over the last axis: finished first, then the highest score (NaN lowest), lowest index on ties.
+    Any real scores (a confidence is not in [0, 1])."""
+    key = np.where(np.isnan(scores), -np.finfo(float).max, scores)
+    among_finished = np.where(finished, key, -np.inf)
+    return np.where(finished.any(-1, keepdims=True), among_finished, key).argmax(-1)
 
 
 def _vote(answers: list, weights) -> object:
@@ -96,6 +103,9 @@ def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None
         if bce_scores is not None:
             scores["sprm_bce"] = np.array(bce_scores[i], dtype=float)
         answers = samples["answers"][i]
+        confidence = samples["confidence"][i] if samples.get("confidence") else [None]
+        if all(c is not None for c in confidence):  # DeepConf's selectors, from the rows' lowest window confidence
+            scores["confidence"] = np.array(confidence, dtype=float)
         verdicts_n = np.array([text.count(NO_VERDICT) for text in samples["texts"][i]], dtype=float)
         for k in ks:
             subsets = (
@@ -111,6 +121,10 @@ def selection_metrics(samples: dict, problems, ks=DEFAULT_KS, *, bce_scores=None
             for name, values in scores.items():
                 chosen = subsets[np.arange(len(subsets)), _best(values[subsets], finished[subsets])]
                 per_problem[name][k].append(correct[chosen].mean())
+            if "confidence" in scores:  # confidence-weighted majority vote (DeepConf, without its filtering)
+                votes = [task.is_correct(problem, _vote([answers[j] for j in subset], scores["confidence"][subset]))
+                         for subset in subsets]  # fmt: skip
+                per_problem["confidence_vote"][k].append(np.mean(votes))
             # text only: finished first, then the fewest "n" verdicts, ties broken at random (noise below one verdict)
             key = 2.0 * (finished[subsets] * (1 + verdicts_n.max())) - verdicts_n[subsets]
             key = key + 0.5 * tie_rng.random(subsets.shape)
@@ -179,7 +193,8 @@ def sample_locally(
     info = rm.info()
     set_threads(threads, device=info.device, num_parameters=info.num_parameters)  # else 1 for a small model
     samples = sample_candidates(rm, problems, k=k, temperature=temperature, seed=seed,
-                                max_answer_tokens=max_answer_tokens, progress=progress)  # fmt: skip
+                                max_answer_tokens=max_answer_tokens, progress=progress,
+                                confidence=info.engine == "vllm")  # fmt: skip
     bce_scores = None
     if bce_head_dir and os.path.isdir(bce_head_dir) and supports_head_swap(rm):  # the vLLM engine has one head
         bce = rm.with_head(SPRMHead.from_pretrained(bce_head_dir))
@@ -276,7 +291,8 @@ def evaluate(
 NAMES = {
     "pass@1": "pass@1 (mean)", "majority": "majority vote", "fewest_n": "text only: fewest n verdicts",
     "sprm": "SPRM best-of-k (SPR)",
-    "sprm_bce": "SPRM best-of-k (BCE)", "sprm_vote": "SPRM-weighted vote", "oracle": "oracle pass@k",
+    "sprm_bce": "SPRM best-of-k (BCE)", "sprm_vote": "SPRM-weighted vote", "confidence": "confidence only (DeepConf)",
+    "confidence_vote": "confidence-weighted vote", "oracle": "oracle pass@k",
     "random": "random choice",
 }  # fmt: skip
 

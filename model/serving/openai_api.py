@@ -53,6 +53,9 @@ def params_field(name: str):
     return request_field(name, hints[name], field_.metadata)
 
 
+# GenerationParams fields the `sprm` object passes through as they are (pruning on the vLLM engine: docs/pruning.md).
+PRUNING_OPTIONS = ("prune", "prune_margin", "prune_every", "prune_keep", "prune_poll")
+
 # `sprm`: unknown keys refused (a misspelt extension option is an error, not a default used in its place).
 SprmOptions = create_model(
     "SprmOptions",
@@ -60,6 +63,7 @@ SprmOptions = create_model(
     k=params_field("k"),
     max_think_tokens=params_field("max_think_tokens"),
     return_candidates=(bool, False),
+    **{name: params_field(name) for name in PRUNING_OPTIONS},
 )
 
 

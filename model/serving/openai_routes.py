@@ -27,6 +27,7 @@ from sprm_kernels.model.engines.base import Engine
 from sprm_kernels.model.serving.disconnect import ClientGone, unless_disconnected, until_disconnected
 from sprm_kernels.model.serving.openai_api import (
     OWNED_BY,
+    PRUNING_OPTIONS,
     ChatCompletionRequest,
     OpenAIError,
     choices_of,
@@ -259,6 +260,7 @@ def given_options(request) -> dict:
         "top_p": request.top_p,
         "seed": request.seed,
         "answer_all": True if request.n > 1 else None,  # each of the n choices needs its own answer
+        **{name: None if sprm is None else getattr(sprm, name) for name in PRUNING_OPTIONS},
     }
 
 

@@ -274,3 +274,12 @@ def test_stop_cuts_the_answer_before_the_stop_string(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(**options, stop=["a", "b", "c", "d", "e"])
     assert refused.value.body["param"] == "stop"
+
+
+def test_pruning_options_pass_through_and_the_hf_engine_refuses_them(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="shipped", messages=MESSAGES, extra_body={"sprm": {"prune": "margin"}})
+    assert "hf engine does not prune" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="shipped", messages=MESSAGES, extra_body={"sprm": {"prune": "maybe"}})
+    assert bad.value.body["param"] == "sprm.prune"

@@ -253,6 +253,8 @@ class ReflectiveModel:
         is without the option; meanwhile it holds a copy of the KV of the other rows still in the batch.
         """
         params = params_from(GenerationParams, "generate", options)
+        if params.prune != "none":
+            raise ValueError(f"prune: the hf engine does not prune, got {params.prune!r} (use the vllm engine)")
         backend = self.backend if backend is None else backend
         resolve_backend(self.device, backend)
         prompt_ids = chat_prompt_ids(self.tokenizer, prompt_or_messages)

@@ -269,6 +269,69 @@ class AsyncVLLMReflectiveModel:
             await compat.drop_async(self.engine, keys)
         return rows_.score_results(sequences, todo, positions, [logits[key] for key in keys], return_all_scores)
 
+    async def _think(self, prompt: list[int], params: GenerationParams, keys: list[str], pruning) -> list:
+        """The k thinking rows (one request each, the request id its record's key) until each is done. With pruning
+        on, the running step scores are read every `prune_poll` outputs per running row, and the rows the
+        rule stops are aborted (their KV freed); their outputs are then what they fed (`rows_.StoppedRow`, read once
+        all rows are done)."""
+        running, stopped = [True] * len(keys), set()
+        progress, outputs = asyncio.Event(), [0]
+
+        def count(_completion) -> None:
+            outputs[0] += 1
+            progress.set()
+
+        async def row(j: int, key: str):
+            sampling = rows_.think_sampling(self.rules, params, 0, j, key)
+            try:
+                return await compat.final_output(self.engine, prompt, sampling, key, count if pruning.on else None)
+            finally:
+                running[j] = False
+                progress.set()
+
+        async def prune() -> None:
+            while any(running):
+                await progress.wait()
+                progress.clear()
+                if outputs[0] < params.prune_poll * sum(running):
+                    continue
+                outputs[0] = 0
+                wanted = [key for j, key in enumerate(keys) if not pruning.pruned[0][j]]
+                window = params.confidence_window if pruning.confidence else 0
+                read = await compat.poll_async(self.engine, wanted, {}, window)
+                if pruning.confidence:
+                    stop = pruning.decide_by_confidence(0, keys, list(running), read["confidence"])
+                else:
+                    stop = pruning.decide(0, keys, list(running), read["running"])
+                if stop:
+                    await compat.abort_async(self.engine, [keys[j] for j in stop])
+                    stopped.update(stop)
+
+        thinks = []
+        if pruning.keeps_confidence:
+            await compat.start_confidence_async(self.engine)
+        if pruning.confidence:  # the warm-up rows run first, to the end, and set the threshold
+            if pruning.warmup < len(keys):
+                thinks = list(await asyncio.gather(*(row(j, keys[j]) for j in range(pruning.warmup))))
+                states = await compat.confidence_async(self.engine, keys[: pruning.warmup], params.confidence_window)
+                pruning.set_threshold(0, keys, states)
+        start = len(thinks)
+        running[start:] = [True] * (len(keys) - start)
+        monitor = asyncio.ensure_future(prune()) if pruning.on else None
+        try:
+            thinks += await asyncio.gather(*(row(j, keys[j]) for j in range(start, len(keys))))
+            if monitor is not None:
+                await monitor
+        finally:
+            if monitor is not None and not monitor.done():
+                monitor.cancel()
+        if stopped:  # what the stopped rows fed, in one read once all rows are done
+            read = await compat.poll_async(self.engine, [], {keys[j]: len(prompt) for j in stopped})
+            thinks = [
+                rows_.StoppedRow(*read["stopped"][keys[j]]) if j in stopped else out for j, out in enumerate(thinks)
+            ]
+        return thinks
+
     async def _generate(self, prompt: list[int], params: GenerationParams, send: Callable | None = None):
         """One prompt: its k rows at once; once all are done, the candidates from the kept logits, the choice, and
         the answer(s); `send` gets the events of `astream`."""
@@ -276,16 +339,17 @@ class AsyncVLLMReflectiveModel:
         clock = time.perf_counter()
         keys = [uuid.uuid4().hex for _ in range(k)]
         answer_ids = [uuid.uuid4().hex for _ in range(k)]
+        pruning = rows_.Pruning(params, 1)
         try:
-            thinks = await asyncio.gather(*(
-                compat.final_output(self.engine, prompt, rows_.think_sampling(self.rules, params, 0, j, key), key)
-                for j, key in enumerate(keys)
-            ))  # fmt: skip
+            thinks = await self._think(prompt, params, keys, pruning)
             think_seconds = time.perf_counter() - clock
             responses = [list(out.token_ids) for out in thinks]
             sequences = [prompt + response for response in responses]
             positions = rows_.positions_of(self.rules, sequences)
             wanted = dict(zip(keys, positions, strict=True))
+            confidence = {}
+            if params.return_confidence:  # before the fetch, which drops the records
+                confidence = await compat.confidence_async(self.engine, keys, params.confidence_window)
             by_key = await compat.fetch_async(self.engine, wanted, features=params.return_features)
             candidates = rows_.candidates_from_logits(self.rules, responses, positions, [by_key[key] for key in keys])
             await compat.drop_async(self.engine, keys)
@@ -295,6 +359,9 @@ class AsyncVLLMReflectiveModel:
                 scored = await self._score(sequences, True)
                 candidates = [rows_.candidate(self.rules, response, where, s.value, s.all_scores)
                               for response, where, s in zip(responses, positions, scored, strict=True)]  # fmt: skip
+            pruning.mark(0, candidates)
+            if params.return_confidence:
+                pruning.attach_confidence(candidates, keys, confidence)
             best = rows_.choose(candidates)
             select_seconds = time.perf_counter() - clock - think_seconds
             if send is not None:

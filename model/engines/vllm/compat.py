@@ -260,6 +260,41 @@ def drop(llm, keys) -> None:
     llm.collective_rpc("sprm_drop", args=(list(keys),))
 
 
+def running(llm, keys) -> dict:
+    """{key: (sum of clamped log p, scored steps, length fed, first position fed)} of rows still recorded."""
+    return llm.collective_rpc("sprm_running", args=(list(keys),))[0]
+
+
+def poll(llm, keys, stopped: dict[str, int], window: int = 0) -> dict:
+    """One RPC for pruning: running scores (or, with window > 0, confidence) of `keys` and the fed ids and first fed
+    position of the `stopped` rows (`StepRecorder.poll`)."""
+    return llm.collective_rpc("sprm_poll", args=(list(keys), dict(stopped), int(window)))[0]
+
+
+def fed_tokens(llm, starts: dict[str, int]) -> dict:
+    """{key: the ids the model read from position `start` on} (what a stopped row wrote)."""
+    return llm.collective_rpc("sprm_tokens", args=(dict(starts),))[0]
+
+
+def start_confidence(llm) -> None:
+    """Turn the worker's token confidence on (DeepConf's, `model.py`); it stays on."""
+    llm.collective_rpc("sprm_start_confidence")
+
+
+def confidence(llm, keys, window: int) -> dict:
+    """{key: (latest window's mean token confidence, lowest window's, tokens with a confidence)}."""
+    return llm.collective_rpc("sprm_confidence", args=(list(keys), int(window)))[0]
+
+
+def recorder_stats(llm) -> dict:
+    return llm.collective_rpc("sprm_stats")[0]
+
+
+def abort(llm, request_ids) -> None:
+    """Stop requests of an `LLM` now (their KV blocks are freed); ids as `Stepper.add` returned them."""
+    llm.llm_engine.abort_request(list(request_ids))
+
+
 # -- the async engine (AsyncLLM), on its own event loop ----------------------------------------------------------
 
 
@@ -283,6 +318,30 @@ async def install_recorder_async(engine, step_token_ids, think_start_id: int) ->
 
 async def fetch_async(engine, wanted: dict[str, list[int]], features: bool = False) -> dict:
     return (await engine.collective_rpc("sprm_fetch", args=(wanted, features)))[0]
+
+
+async def running_async(engine, keys) -> dict:
+    return (await engine.collective_rpc("sprm_running", args=(list(keys),)))[0]
+
+
+async def poll_async(engine, keys, stopped: dict[str, int], window: int = 0) -> dict:
+    return (await engine.collective_rpc("sprm_poll", args=(list(keys), dict(stopped), int(window))))[0]
+
+
+async def fed_tokens_async(engine, starts: dict[str, int]) -> dict:
+    return (await engine.collective_rpc("sprm_tokens", args=(dict(starts),)))[0]
+
+
+async def start_confidence_async(engine) -> None:
+    await engine.collective_rpc("sprm_start_confidence")
+
+
+async def confidence_async(engine, keys, window: int) -> dict:
+    return (await engine.collective_rpc("sprm_confidence", args=(list(keys), int(window))))[0]
+
+
+async def recorder_stats_async(engine) -> dict:
+    return (await engine.collective_rpc("sprm_stats"))[0]
 
 
 async def abort_async(engine, request_ids: list[str]) -> None:
@@ -317,34 +376,42 @@ def shutdown(llm) -> None:
 # -- worker side ------------------------------------------------------------------------------------------------
 
 
-def wrap_model_runner(runner, recorder) -> None:
-    """After each step's forward, hand the step's flat batch to `recorder` (see recorder.StepRecorder.record)."""
-    from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
+def enable_confidence(runner) -> None:
+    """From now on the model computes each sampled row's token confidence (`model.py`)."""
+    runner.get_model().sprm.confidence_on = True
 
+
+def runner_max_len(runner) -> int:
+    return int(runner.max_model_len)
+
+
+def wrap_model_runner(runner, recorder) -> None:
+    """After each step's forward, hand the step's flat batch to `recorder.record_step`: the request ids in batch
+    order, their scheduled token counts (host data vLLM already has) and the forward's device tensors. Nothing is
+    read back from the device here."""
     original = runner.execute_model
     head = runner.get_model().sprm
 
+    def extra_of(req_id):
+        params = runner.requests[req_id].sampling_params
+        return params.extra_args if params is not None else None
+
+    def prompt_length_of(req_id) -> int:
+        return int(runner.requests[req_id].num_prompt_tokens)
+
     def execute_model(scheduler_output, *args, **kwargs):
-        head.last = None
+        head.last = head.last_confidence = None
         result = original(scheduler_output, *args, **kwargs)
         if head.last is None:  # no forward this step
             return result
         positions, input_ids, logits, features = head.last
-        head.last = None
-        segments, lo, want_rows = [], 0, False
-        for req_id in runner.input_batch.req_ids:
-            n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            params = runner.requests[req_id].sampling_params
-            extra = (params.extra_args if params is not None else None) or {}
-            if n and EXTRA_KEY in extra:
-                segments.append((extra[EXTRA_KEY], bool(extra.get(EXTRA_FEATURES)), lo, n))
-                want_rows |= bool(extra.get(EXTRA_FEATURES))
-            lo += n
-        if segments:
-            recorder.record(
-                segments, positions[:lo].tolist(), input_ids[:lo].tolist(), logits[:lo].tolist(),
-                features[:lo] if want_rows else None,
-            )  # fmt: skip
+        confidence = head.last_confidence
+        head.last = head.last_confidence = None
+        req_ids = runner.input_batch.req_ids
+        scheduled = scheduler_output.num_scheduled_tokens
+        counts = [scheduled.get(req_id, 0) for req_id in req_ids]
+        recorder.record_step(req_ids, counts, extra_of, positions, input_ids, logits, features,
+                             confidence=confidence, prompt_length_of=prompt_length_of)  # fmt: skip
         return result
 
     runner.execute_model = execute_model

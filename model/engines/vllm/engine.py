@@ -200,28 +200,55 @@ class VLLMReflectiveModel:
         waiting, candidates, best = [k] * n, [None] * n, [None] * n
         answers, deferred = [{} for _ in range(n)], []
         stepper = compat.Stepper(self.llm, progress)
+        pruning = rows_.Pruning(params, n)
+        if pruning.keeps_confidence:
+            compat.start_confidence(self.llm)
         try:
-            rows = [(p, j) for p in range(n) for j in range(k)]
+            # With confidence pruning only the warm-up rows go in first; the others once those are done.
+            rows = [(p, j) for p in range(n) for j in range(pruning.warmup)]
             think = [(prompt_ids[p], rows_.think_sampling(self.rules, params, p, j, keys[p][j])) for p, j in rows]
             thinking = dict(zip(stepper.add(think), rows, strict=True))
-            answering = {}
-            while stepper.busy():
-                done = []
-                for request_id, out in stepper.step():
+            request_of = {row: request_id for request_id, row in thinking.items()}
+            answering, steps, launched, stopped = {}, 0, [pruning.warmup == k] * n, set()
+            while stepper.busy() or stopped:  # stopped: rows aborted whose fed tokens the next poll reads
+                done, touched = [], set()
+                for request_id, out in stepper.step() if stepper.busy() else ():
                     if request_id in answering:
                         p, j = answering[request_id]
                         answers[p][j] = out
                         continue
-                    p, j = thinking[request_id]
+                    row = thinking.pop(request_id, None)
+                    if row is None:  # a pruned row that finished in the step its abort was sent: it stays pruned
+                        continue
+                    p, j = row
                     outputs[p][j] = out
                     waiting[p] -= 1
                     done += [p] if not waiting[p] else []
+                    touched.add(p)
+                ready = [p for p in sorted(touched) if not launched[p]
+                         and all(outputs[p][j] is not None for j in range(pruning.warmup))]  # fmt: skip
+                if ready:  # DeepConf online: the threshold from the warm-up rows, then the other rows
+                    warm = [keys[p][j] for p in ready for j in range(pruning.warmup)]
+                    states = compat.confidence(self.llm, warm, params.confidence_window)
+                    rest = [(p, j) for p in ready for j in range(pruning.warmup, k)]
+                    for p in ready:
+                        pruning.set_threshold(p, keys[p], states)
+                        launched[p] = True
+                    more = [
+                        (prompt_ids[p], rows_.think_sampling(self.rules, params, p, j, keys[p][j])) for p, j in rest
+                    ]
+                    added = dict(zip(stepper.add(more), rest, strict=True))
+                    thinking.update(added)
+                    request_of.update({row: request_id for request_id, row in added.items()})
+                steps += 1
+                if pruning.on and (thinking or stopped) and (steps % params.prune_poll == 0 or not stepper.busy()):
+                    done += self._prune(pruning, thinking, request_of, keys, prompt_ids, outputs, waiting, stopped)
                 if not done:
                     continue
                 if not any(waiting):
                     seconds["think"] = time.perf_counter() - clock
                 tick = time.perf_counter()
-                self._select(done, prompt_ids, outputs, keys, params, candidates, best)
+                self._select(done, prompt_ids, outputs, keys, params, candidates, best, pruning)
                 deferred += [p for p in done if candidates[p] is None]
                 requests = self._answer_requests([p for p in done if candidates[p] is not None], prompt_ids,
                                                  candidates, best, params)  # fmt: skip
@@ -231,7 +258,7 @@ class VLLMReflectiveModel:
             compat.drop(self.llm, [key for row in keys for key in row])
         if deferred:  # scored prompt positions the prefix cache served: prefill-only scoring, then the answers
             tick = time.perf_counter()
-            self._select(deferred, prompt_ids, outputs, keys, params, candidates, best, rescore=True)
+            self._select(deferred, prompt_ids, outputs, keys, params, candidates, best, pruning, rescore=True)
             requests = self._answer_requests(deferred, prompt_ids, candidates, best, params)
             for (p, j), out in zip([row for row, _ in requests], compat.run(self.llm, [r for _, r in requests]),
                                    strict=True):  # fmt: skip
@@ -243,7 +270,37 @@ class VLLMReflectiveModel:
             for p in range(n)
         ]
 
-    def _select(self, prompts, prompt_ids, outputs, keys, params, candidates, best, rescore=False) -> None:
+    def _prune(self, pruning, thinking, request_of, keys, prompt_ids, outputs, waiting, stopped) -> list[int]:
+        """One read (`compat.poll`): the fed tokens of the rows stopped at the previous poll, which are done now, and
+        the running scores (or confidence) of the rows still decoding; the rows the rule prunes now are aborted in
+        vLLM (their KV blocks are freed) and join `stopped`. Returns the prompts whose rows are all done now."""
+        still = {}  # prompt -> rows still decoding
+        for p, j in thinking.values():
+            still.setdefault(p, set()).add(j)
+        k = len(keys[0])
+        wanted = [keys[p][j] for p in still for j in range(k) if not pruning.pruned[p][j]]
+        window = pruning.params.confidence_window if pruning.confidence else 0
+        read = compat.poll(self.llm, wanted, {keys[p][j]: len(prompt_ids[p]) for p, j in stopped}, window)
+        done = []
+        for p, j in sorted(stopped):
+            outputs[p][j] = rows_.StoppedRow(*read["stopped"][keys[p][j]])
+            waiting[p] -= 1
+            done += [p] if not waiting[p] else []
+        stopped.clear()
+        for p, decoding in sorted(still.items()):
+            running = [j in decoding for j in range(k)]
+            if pruning.confidence:
+                stop = pruning.decide_by_confidence(p, keys[p], running, read["confidence"])
+            else:
+                stop = pruning.decide(p, keys[p], running, read["running"])
+            stopped.update((p, j) for j in stop)
+        if stopped:
+            compat.abort(self.llm, [request_of[row] for row in stopped])
+            for row in stopped:
+                thinking.pop(request_of[row], None)
+        return done
+
+    def _select(self, prompts, prompt_ids, outputs, keys, params, candidates, best, pruning, rescore=False) -> None:
         """Candidates and choice of each prompt in `prompts` (written into `candidates`, `best`), from the logits the
         worker kept at exactly the positions the rule scores. A prompt with a scored position that the prefix
         cache served (no logit) is left None unless `rescore`, which scores its rows by prefill-only requests."""
@@ -257,6 +314,8 @@ class VLLMReflectiveModel:
             scored = self._score_sequences(sequences, True)
         else:
             wanted = {keys[p][j]: where for (p, j), where in zip(rows, positions, strict=True)}
+            if params.return_confidence:  # before the fetch, which drops the records
+                confidence = compat.confidence(self.llm, list(wanted), params.confidence_window)
             by_key = compat.fetch(self.llm, wanted, features=params.return_features)
             fetched = [by_key[keys[p][j]] for p, j in rows]
         for i, p in enumerate(prompts):
@@ -270,7 +329,10 @@ class VLLMReflectiveModel:
             else:
                 cs = rows_.candidates_from_logits(self.rules, responses, positions[lo:hi], fetched[lo:hi])
             candidates[p] = cs
+            if cs is not None and params.return_confidence:
+                pruning.attach_confidence(cs, keys[p], {} if rescore else confidence)
             if cs is not None:
+                pruning.mark(p, cs)
                 best[p] = rows_.choose(cs)
 
     def _answer_requests(self, prompts, prompt_ids, candidates, best, params):

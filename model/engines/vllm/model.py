@@ -45,6 +45,8 @@ class _HeadState(nn.Module):
         self.kernel_route = False  # set by load(): CUDA and triton, the fused step_logits launch
         self.buffers = None
         self.last = None  # (positions [N], input_ids [N], logits [N] fp32, features [N, H]) of the latest forward
+        self.confidence_on = False  # set by the worker once an engine call prunes by confidence
+        self.last_confidence = None  # [R] fp32 token confidence of the rows sampled in the latest step (or None)
 
     def load(self, path: str, dtype: torch.dtype) -> None:
         head = SPRMHead.from_pretrained(path)
@@ -70,6 +72,16 @@ class _HeadState(nn.Module):
             logits = head_logits_fp32(features, self.w1, self.b1, self.w2, self.b2)
         self.last = (positions, input_ids, logits, features)
 
+    def confidence(self, logits: torch.Tensor) -> None:
+        """DeepConf's token confidence of each sampled row: minus the mean log-probability of its top-k tokens
+        (k = CONFIDENCE_TOP_K, or the vocabulary), from the model's own distribution (before temperature)."""
+        if self.confidence_on:
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(CONFIDENCE_TOP_K, logits.shape[-1]), dim=-1)
+            self.last_confidence = -top.values.mean(dim=-1)
+
+
+CONFIDENCE_TOP_K = 20  # DeepConf's k
+
 
 def _with_sprm_head(base: type) -> type:
     class SPRMForCausalLM(base):
@@ -92,6 +104,12 @@ def _with_sprm_head(base: type) -> type:
             hidden, captured = compat.split_captured(output)
             self.sprm(captured, positions, input_ids)
             return hidden
+
+        def compute_logits(self, hidden_states):
+            logits = super().compute_logits(hidden_states)
+            if logits is not None:
+                self.sprm.confidence(logits)
+            return logits
 
         def load_weights(self, weights):
             # vLLM's loader streams every *.safetensors of the folder, sprm_head.safetensors included: its tensors

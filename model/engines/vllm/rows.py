@@ -8,13 +8,14 @@ logits, each in its own way (a stepping loop, or asyncio).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 import sprm_kernels.model.engines.vllm.compat as compat
 from sprm_kernels.model.core.params import GenerationParams
-from sprm_kernels.model.core.selection import choose_best
+from sprm_kernels.model.core.selection import choose_best, confidence_stops, confidence_threshold, rows_to_prune
 from sprm_kernels.model.core.steps import scored_positions
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats, ScoreResult
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_FEATURES, EXTRA_KEY
@@ -69,7 +70,7 @@ def candidate(rules: RowRules, response: list[int], where: list[int], value: flo
     if features is not None:
         rows = torch.tensor(features, dtype=torch.float32).reshape(len(where), rules.hidden_size)
         features = rows.to(compat.torch_dtype(rules.dtype))
-    return Candidate(
+    return Candidate(  # `pruned` set by `Pruning.mark`, `confidence` by `Pruning.attach_confidence`
         token_ids=list(response),
         text=rules.tokenizer.decode(response, skip_special_tokens=False),
         score=value,
@@ -93,7 +94,83 @@ def candidates_from_logits(rules: RowRules, responses, positions, fetched) -> li
 
 
 def choose(candidates: list[Candidate]) -> int:
-    return choose_best([c.score for c in candidates], [c.finished for c in candidates])
+    """`choose_best`: a pruned row never wins while another row was kept."""
+    return choose_best([c.score for c in candidates], [c.finished for c in candidates],
+                       [c.pruned for c in candidates])  # fmt: skip
+
+
+# -- pruning (docs/pruning.md) ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StoppedRow:
+    """A pruned row in place of its completion: the ids the model read after the prompt, and how many prompt
+    tokens the prefix cache served (the first position the worker saw)."""
+
+    token_ids: list[int]
+    num_cached_tokens: int
+
+
+class Pruning:
+    """The pruning state of a call's prompts: which rows were stopped, the rungs each prompt passed, and with
+    `prune="confidence"` (DeepConf online) each prompt's threshold, set once its warm-up rows are done: the first
+    `warmup` rows run first, to the end; the others start then and stop when their confidence falls below it."""
+
+    def __init__(self, params: GenerationParams, prompts: int):
+        self.params = params
+        k = params.num_candidates
+        self.pruned = [[False] * k for _ in range(prompts)]
+        self.rungs = [0] * prompts
+        self.confidence = params.prune == "confidence"
+        self.warmup = min(k, params.confidence_warmup) if self.confidence else k  # rows submitted first
+        self.thresholds: list[float | None] = [None] * prompts
+        self.keeps_confidence = self.confidence or params.return_confidence  # the worker computes it
+
+    def attach_confidence(self, candidates: list[Candidate], keys: list[str], states: dict) -> None:
+        """`Candidate.confidence`: the row's lowest window confidence (`return_confidence`), None without one."""
+        for c, key in zip(candidates, keys, strict=True):
+            c.confidence = states[key][1] if key in states else None
+
+    @property
+    def on(self) -> bool:
+        return self.params.prune != "none"
+
+    def set_threshold(self, p: int, keys: list[str], states: dict) -> None:
+        """From the worker's `confidence` answer for the prompt's warm-up rows."""
+        lowest = [states[key][1] for key in keys[: self.warmup] if key in states]
+        self.thresholds[p] = confidence_threshold(lowest, self.params.confidence_percentile)
+
+    def decide_by_confidence(self, p: int, keys: list[str], running: list[bool], states: dict) -> list[int]:
+        if self.thresholds[p] is None:
+            return []
+        lowest = [states.get(key, (0.0, math.inf, 0))[1] for key in keys]
+        totals = [states.get(key, (0.0, 0.0, 0))[2] for key in keys]
+        rows = [j for j in range(self.warmup, len(keys)) if not self.pruned[p][j]]
+        stop = confidence_stops(lowest, totals, running, rows, threshold=self.thresholds[p],
+                                window=self.params.confidence_window)  # fmt: skip
+        for j in stop:
+            self.pruned[p][j] = True
+        return stop
+
+    def decide(self, p: int, keys: list[str], running: list[bool], states: dict) -> list[int]:
+        """Rows of prompt p to stop now; `states`: the worker's `running` answer for (some of) `keys`."""
+        means, counts = [], []
+        for key in keys:
+            total, count = states.get(key, (0.0, 0, 0, 0))[:2]
+            means.append(total / count if count else -math.inf)
+            counts.append(count)
+        params = self.params
+        stop, self.rungs[p] = rows_to_prune(
+            params.prune, means, counts, running, self.pruned[p], margin=params.prune_margin,
+            every=params.prune_every, keep=params.prune_keep, rungs=self.rungs[p],
+        )  # fmt: skip
+        for j in stop:
+            self.pruned[p][j] = True
+        return stop
+
+    def mark(self, p: int, candidates: list[Candidate]) -> None:
+        for c, pruned in zip(candidates, self.pruned[p], strict=True):
+            c.pruned = pruned
 
 
 def answer_requests(rules: RowRules, params: GenerationParams, p: int, prompt, candidates, best: int) -> list:
@@ -131,13 +208,20 @@ def result_of(rules: RowRules, params, prompt, thinks, candidates, best, answers
             c.answer = rules.tokenizer.decode(ids, skip_special_tokens=True)
     chosen = answers.get(best)
     chosen_ids = [] if chosen is None else list(chosen.token_ids)
+    kept = [len(c.token_ids) for c in candidates if not c.pruned]
     stats = GenerationStats(
         prefill_tokens=sum(len(prompt) - o.num_cached_tokens for o in thinks),
-        think_decode_tokens=sum(max(len(c.token_ids) - 1, 0) for c in candidates),
+        # A row's last token is sampled, never fed, except a pruned row's: its tokens are those the model read.
+        think_decode_tokens=sum(len(c.token_ids) if c.pruned else max(len(c.token_ids) - 1, 0) for c in candidates),
         think_generated_tokens=sum(len(c.token_ids) for c in candidates),
         answer_decode_tokens=answer_fed,
         seconds=dict(seconds),
         answer_cached_tokens=answer_cached,
+    )
+    # What pruning saved, estimated: each pruned row would have written as many tokens as the kept rows on average.
+    stats.pruned_rows = len(candidates) - len(kept)
+    stats.pruned_think_tokens = sum(
+        max(0, round(sum(kept) / len(kept)) - len(c.token_ids)) for c in candidates if c.pruned and kept
     )
     return GenerationResult(
         candidates=candidates,

@@ -238,3 +238,17 @@ def test_train_collect_takes_the_vllm_engine(engines):
     )  # fmt: skip
     assert rollouts.features.shape[1] == 128 and rollouts.features.shape[0] == rollouts.offsets[-1]
     assert rollouts.features.shape[0] > 0
+
+
+def test_the_step_path_reads_nothing_back_from_the_device(engines):
+    """The worker reads its device buffers once per fetch (a prompt's rows once they are done), never per step."""
+    import sprm_kernels.model.engines.vllm.compat as compat
+
+    vllm_engine, hf = engines
+    before = compat.recorder_stats(vllm_engine.llm)
+    results = vllm_engine.generate(PROMPTS[:3], k=4, seed=5, max_think_tokens=40, max_answer_tokens=2,
+                                   temperature=1.0, top_p=1.0)  # fmt: skip
+    after = compat.recorder_stats(vllm_engine.llm)
+    steps, reads = after["steps"] - before["steps"], after["host_reads"] - before["host_reads"]
+    assert steps >= 40 and 1 <= reads <= len(results) and after["records"] == 0
+    assert_same_scores(results, hf)

@@ -176,3 +176,21 @@ def test_a_request_past_the_timeout_is_504_and_its_rows_are_aborted(vllm_async_s
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     assert app.state.worker.stats.timed_out == 1
     assert state == {"unfinished_requests": 0, "records": 0}
+
+
+def test_pruning_from_the_extension_object(served):
+    base, _ = served
+    response = client_of(base).chat.completions.create(
+        model="shipped", messages=MESSAGES, reasoning_effort="medium", seed=0,
+        extra_body={"sprm": {"prune": "halving", "prune_keep": 2, "return_candidates": True}},
+    )  # fmt: skip
+    candidates = extra(response, "sprm")["candidates"]
+    assert len(candidates) == 8 and response.choices[0].message.content
+    full = client_of(base).chat.completions.create(
+        model="shipped", messages=MESSAGES, reasoning_effort="medium", seed=0
+    )
+    # Halving stops rows early: fewer thinking tokens than the same request without pruning.
+    assert (
+        response.usage.completion_tokens_details.reasoning_tokens
+        < full.usage.completion_tokens_details.reasoning_tokens
+    )
