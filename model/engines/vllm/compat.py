@@ -301,7 +301,12 @@ def abort(llm, request_ids) -> None:
 async def final_output(engine, ids: list[int], sampling, request_id: str, on_output=None):
     """The first completion of one request once it finishes, with `num_cached_tokens` copied on it; `on_output`
     gets each intermediate completion (cumulative token ids). Cancelling the caller aborts the request in vLLM
-    (`AsyncLLM.generate` does, on CancelledError)."""
+    (`AsyncLLM.generate` does, on CancelledError). Without `on_output` the request asks for its final output only,
+    so the engine sends nothing per step for it."""
+    if on_output is None:
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling.output_kind = RequestOutputKind.FINAL_ONLY
     last = None
     async for output in engine.generate({"prompt_token_ids": list(ids)}, sampling, request_id):
         last = output
