@@ -60,10 +60,11 @@ def test_contract_through_the_proxy(served):
 
 def test_replica_killed_under_load(served):
     """4 clients score in a loop; one replica is killed mid-way. Requests in flight on it may fail (counted and
-    printed); every request after Serve has noticed is answered."""
+    printed); every request after Serve has noticed is answered. The test waits on the clients' own counts (a
+    condition), never on a sleep: first 8 answers before the kill, then 40 requests after it."""
     import ray
 
-    results, stop = [], threading.Event()
+    results, stop, counted = [], threading.Event(), threading.Condition()
 
     def client_loop():
         with httpx.Client(base_url=served, timeout=60) as client:
@@ -72,20 +73,28 @@ def test_replica_killed_under_load(served):
                     code = client.post("/score", json={"text": TEXT}, headers=AUTH).status_code
                 except httpx.HTTPError:
                     code = -1
-                results.append((time.monotonic(), code))
+                with counted:
+                    results.append((time.monotonic(), code))
+                    counted.notify_all()
+
+    def wait_for(predicate, what: str) -> None:
+        with counted:
+            assert counted.wait_for(predicate, timeout=120), what
 
     threads = [threading.Thread(target=client_loop) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(3)
-    names = ray_serve.replica_actor_names()
-    assert len(names) == 2
-    killed_at = time.monotonic()
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    time.sleep(8)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=120)
+    try:
+        wait_for(lambda: sum(code == 200 for _, code in results) >= 8, "the clients got no answers before the kill")
+        names = ray_serve.replica_actor_names()
+        assert len(names) == 2
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        wait_for(lambda: sum(t >= killed_at for t, _ in results) >= 40, "the clients stalled after the kill")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
     before = [code for t, code in results if t < killed_at]
     during = [code for t, code in results if t >= killed_at]
     failed = [code for code in during if code != 200]

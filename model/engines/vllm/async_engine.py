@@ -50,8 +50,47 @@ class EngineLoop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     async def run(self, coro):
-        """Await `coro` on the engine loop from another loop; cancelling the awaiting task cancels it there."""
-        return await asyncio.wrap_future(self.submit(coro))
+        """Await `coro` on the engine loop from another loop. Cancelling the awaiting task cancels the coroutine's
+        task there and returns (raises CancelledError) only once that task has finished its clean-up, so that
+        whatever the caller does next sees the aborts and drops done (a concurrent Future, cancelled, would
+        return at once)."""
+        caller = asyncio.get_running_loop()
+        finished = caller.create_future()
+        started: list[asyncio.Task] = []
+
+        def settle(task: asyncio.Task) -> None:  # on the caller's loop
+            if finished.done():
+                return
+            if task.cancelled():
+                finished.cancel()
+            elif task.exception() is not None:
+                finished.set_exception(task.exception())
+            else:
+                finished.set_result(task.result())
+
+        def report(task: asyncio.Task) -> None:  # on the engine loop
+            try:
+                caller.call_soon_threadsafe(settle, task)
+            except RuntimeError:  # the caller's loop has closed: nobody waits for the result
+                pass
+
+        def start() -> None:  # on the engine loop
+            task = self.loop.create_task(coro)
+            task.add_done_callback(report)
+            started.append(task)
+
+        self.loop.call_soon_threadsafe(start)
+        try:
+            return await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            if finished.done():  # the task itself was cancelled (the engine is closing)
+                raise
+            # start() ran or runs first (the loop keeps the order of call_soon_threadsafe), so started[0] exists
+            self.loop.call_soon_threadsafe(lambda: started[0].cancel())
+            await asyncio.wait({finished})  # not cancelled by a second cancellation of the caller
+            if not finished.cancelled():
+                finished.exception()  # retrieved: the cancellation is what the caller gets
+            raise
 
     def call(self, coro):
         """Run `coro` on the engine loop from synchronous code (never from the engine loop itself)."""
@@ -197,7 +236,7 @@ class AsyncVLLMReflectiveModel:
                 send(("error", error))
                 raise
 
-        future = self.engine_loop.submit(work())
+        runner = asyncio.ensure_future(self.engine_loop.run(work()))
         try:
             while True:
                 event = await events.get()
@@ -207,7 +246,11 @@ class AsyncVLLMReflectiveModel:
                 if event[0] == "result":
                     return
         finally:
-            future.cancel()
+            # leaving early aborts the generation, and returns once its requests are aborted and records dropped
+            runner.cancel()
+            await asyncio.wait({runner})
+            if not runner.cancelled():
+                runner.exception()  # retrieved (it was raised above, as the "error" event)
 
     async def engine_state(self) -> dict:
         """{"unfinished_requests": requests vLLM holds, "records": step-logit records the worker holds}: both 0
