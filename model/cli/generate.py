@@ -61,7 +61,7 @@ def run(args) -> int:
     if overflow:
         raise UsageError(f"--max-think-tokens, --max-answer-tokens: the {overflow}")
     if args.method and not supports_search(model):
-        raise UsageError(f"--search: the {args.engine} engine has no step-level search (use --engine hf)")
+        raise UsageError(f"--search: the {args.engine} engine has no step-level search")
     if args.method and (args.mode or args.k):
         raise UsageError("--search: the batch is --beam-width x --expansions rows; --mode and --k do not apply")
     try:

@@ -60,6 +60,9 @@ class GenerationStats:
     # Answer-phase prompt tokens served from a prefix cache instead of going through the model (vLLM engine; the HF
     # engine continues from the chosen row's own KV and feeds no prompt token again, so 0 there).
     answer_cached_tokens: int = 0
+    # Thinking-phase request prompt tokens the prefix cache served (vLLM search: each round's requests re-read only
+    # the partial last KV block of the ids their parent wrote).
+    think_cached_tokens: int = 0
     pruned_rows: int = 0  # rows stopped by `prune`
     pruned_think_tokens: int = 0  # thinking tokens pruning saved (estimated: each pruned row as the kept rows' mean)
 
@@ -128,6 +131,7 @@ def generation_json(result, *, token_ids: bool = False) -> dict:
             "total_tokens": stats.total_tokens,
             "padded_decode_tokens": stats.padded_decode_tokens,
             "rounds": stats.rounds,
+            "think_cached_tokens": stats.think_cached_tokens,
             "pruned_rows": stats.pruned_rows,
             "pruned_think_tokens": stats.pruned_think_tokens,
             "seconds": stats.seconds,

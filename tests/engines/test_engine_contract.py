@@ -53,15 +53,38 @@ def test_engine_satisfies_the_protocol_and_describes_itself(engine):
 
 
 def test_capabilities_are_what_each_engine_declares(engine):
-    """engines.base Protocols: the HF engine searches and swaps heads; vLLM batches prompt lists and has no search."""
+    """engines.base Protocols: every engine searches; the HF engine swaps heads; the sync vLLM engine batches prompt
+    lists; the server's vLLM engine is async."""
+    assert supports_search(engine) and supports_search(type(engine))
     if engine.info().engine == "hf":
-        assert supports_search(engine) and supports_head_swap(engine) and not supports_prompt_lists(engine)
+        assert supports_head_swap(engine) and not supports_prompt_lists(engine)
         assert not supports_async(engine)
     elif supports_async(engine):  # the server's vLLM engine: one prompt per call, concurrent calls batched
-        assert not supports_prompt_lists(engine) and not supports_search(engine)
+        assert not supports_prompt_lists(engine)
     else:
-        assert supports_prompt_lists(engine) and not supports_search(engine)
-        assert not supports_search(type(engine))  # the class lacks it, not just this instance
+        assert supports_prompt_lists(engine) and not supports_async(engine)
+
+
+@pytest.mark.parametrize("method", ["beam", "dvts"])
+def test_search_follows_the_shared_rules(engine, method):
+    """The search contract on every engine: the candidates are the finished beams (beam search stops once
+    beam_width have finished; DVTS has at most one beam per subtree once it is done, of width x expansions rows),
+    the choice is `choose_best`, and every beam's score and positions are a plain `score()` of its final ids."""
+    result = engine.search(PROMPT, method=method, beam_width=2, expansions=2, seed=1, temperature=1.0, top_p=1.0,
+                           max_think_tokens=60, max_answer_tokens=4)  # fmt: skip
+    assert result.prompt_token_ids == engine.prompt_ids(PROMPT)
+    # beam: it stops once 2 beams finished (a round ends 0 to 4 of its 4 rows); DVTS: once each of its 2 subtrees
+    # has finished one, or more in the round that finished it
+    assert 2 <= len(result.candidates) <= (2 + 3 if method == "beam" else 2 * 2) and result.stats.rounds >= 1
+    scores = [c.score for c in result.candidates]
+    assert result.best == choose_best(scores, [c.finished for c in result.candidates])
+    rescored = engine.score([result.prompt_token_ids + c.token_ids for c in result.candidates], return_all_scores=True)
+    for candidate, again in zip(result.candidates, rescored, strict=True):
+        assert candidate.score_positions == again.score_positions
+        assert math.isclose(candidate.score, again.value, rel_tol=1e-4, abs_tol=1e-6)
+        assert len(candidate.step_scores) == len(again.all_scores)
+    assert result.stats.think_generated_tokens >= max(len(c.token_ids) for c in result.candidates)
+    assert 0 < len(result.answer_token_ids) <= 4
 
 
 def test_encode_is_what_score_scores(engine):

@@ -15,15 +15,14 @@ aborts every request of the call in vLLM and drops the worker's records of them.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
+import sprm_kernels.model.engines.vllm.search as search_
 from sprm_kernels.model.core.head import SPRMHead
 from sprm_kernels.model.core.params import GenerationParams, params_from
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
@@ -36,83 +35,7 @@ from sprm_kernels.model.engines.common import (
     rule_token_ids,
     token_lists,
 )
-
-
-class EngineLoop:
-    """An event loop in a daemon thread; `submit(coro)` runs a coroutine there (a concurrent Future)."""
-
-    def __init__(self, name: str = "sprm-vllm-loop"):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    async def run(self, coro):
-        """Await `coro` on the engine loop from another loop. Cancelling the awaiting task cancels the coroutine's
-        task there and returns (raises CancelledError) only once that task has finished its clean-up, so that
-        whatever the caller does next sees the aborts and drops done (a concurrent Future, cancelled, would
-        return at once)."""
-        caller = asyncio.get_running_loop()
-        finished = caller.create_future()
-        started: list[asyncio.Task] = []
-
-        def settle(task: asyncio.Task) -> None:  # on the caller's loop
-            if finished.done():
-                return
-            if task.cancelled():
-                finished.cancel()
-            elif task.exception() is not None:
-                finished.set_exception(task.exception())
-            else:
-                finished.set_result(task.result())
-
-        def report(task: asyncio.Task) -> None:  # on the engine loop
-            try:
-                caller.call_soon_threadsafe(settle, task)
-            except RuntimeError:  # the caller's loop has closed: nobody waits for the result
-                pass
-
-        def start() -> None:  # on the engine loop
-            task = self.loop.create_task(coro)
-            task.add_done_callback(report)
-            started.append(task)
-
-        self.loop.call_soon_threadsafe(start)
-        try:
-            return await asyncio.shield(finished)
-        except asyncio.CancelledError:
-            if finished.done():  # the task itself was cancelled (the engine is closing)
-                raise
-            # start() ran or runs first (the loop keeps the order of call_soon_threadsafe), so started[0] exists
-            self.loop.call_soon_threadsafe(lambda: started[0].cancel())
-            await asyncio.wait({finished})  # not cancelled by a second cancellation of the caller
-            if not finished.cancelled():
-                finished.exception()  # retrieved: the cancellation is what the caller gets
-            raise
-
-    def call(self, coro):
-        """Run `coro` on the engine loop from synchronous code (never from the engine loop itself)."""
-        return self.submit(coro).result()
-
-    def cancel_tasks(self) -> None:
-        """Cancel what still runs on the loop (vLLM's output handler) and wait until it has stopped."""
-
-        async def cancel_the_rest():
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if self.thread.is_alive():
-            self.submit(cancel_the_rest()).result(timeout=10)
-
-    def stop(self) -> None:
-        self.cancel_tasks()
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
+from sprm_kernels.model.engines.vllm.engine_loop import EngineLoop
 
 
 class AsyncVLLMReflectiveModel:
@@ -252,6 +175,22 @@ class AsyncVLLMReflectiveModel:
             if not runner.cancelled():
                 runner.exception()  # retrieved (it was raised above, as the "error" event)
 
+    def search(self, prompt_or_messages, *, progress: bool = False, backend: str | None = None, **options):
+        """`asearch` from synchronous code (`engines.base.SupportsSearch`)."""
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress: expected a bool, got {progress!r}")
+        if backend not in (None, "auto", "torch", "triton"):
+            raise ValueError(f"backend: expected None, 'auto', 'torch' or 'triton', got {backend!r}")
+        prompt, shape, params = self._search_inputs(prompt_or_messages, options)
+        return self.engine_loop.call(self._search(prompt, shape, params))
+
+    async def asearch(self, prompt_or_messages, **options) -> GenerationResult:
+        """Step-level beam search or DVTS, as `VLLMReflectiveModel.search` (same options and result), from an event
+        loop: each row's round requests share the engine's batches with every other call. Cancelling the caller
+        aborts the search's requests and drops their records."""
+        prompt, shape, params = self._search_inputs(prompt_or_messages, options)
+        return await self.engine_loop.run(self._search(prompt, shape, params))
+
     async def engine_state(self) -> dict:
         """{"unfinished_requests": requests vLLM holds, "records": step-logit records the worker holds}: both 0
         when nothing runs (what the tests of cancellation check)."""
@@ -292,6 +231,12 @@ class AsyncVLLMReflectiveModel:
         prompt = chat_prompt_ids(self.tokenizer, prompt_or_messages)
         self._check_lengths([prompt], "prompt_or_messages", extra=1)
         return prompt, params
+
+    def _search_inputs(self, prompt_or_messages, options):
+        shape, params = search_.search_params(options)
+        prompt = chat_prompt_ids(self.tokenizer, prompt_or_messages)
+        self._check_lengths([prompt], "prompt_or_messages", extra=1)
+        return prompt, shape, params
 
     def _check_lengths(self, sequences, name: str, extra: int) -> None:
         for i, sequence in enumerate(sequences):
@@ -430,3 +375,56 @@ class AsyncVLLMReflectiveModel:
         seconds = {"think": think_seconds, "select": select_seconds}
         seconds["answer"] = time.perf_counter() - clock - think_seconds - select_seconds
         return rows_.result_of(self.rules, params, prompt, thinks, candidates, best, answers, seconds)
+
+    async def _search(self, prompt: list[int], shape, params: GenerationParams) -> GenerationResult:
+        """The search's rounds (`search.arun_rounds`), the candidates, the choice and the answer."""
+        clock = time.perf_counter()
+        engine_seconds = [0.0]
+
+        def timed(call):
+            async def run(*args):
+                start = time.perf_counter()
+                try:
+                    return await call(*args)
+                finally:
+                    engine_seconds[0] += time.perf_counter() - start
+
+            return run
+
+        submit_one = timed(lambda ids, sampling, key: compat.final_output(self.engine, ids, sampling, key))
+        fetch = timed(lambda wanted: compat.fetch_async(self.engine, wanted))
+        search = search_.RoundSearch(self.rules, prompt, shape, params, await self._prompt_logits(prompt))
+        answer_id = uuid.uuid4().hex
+        try:
+            await search_.arun_rounds(search, submit_one, fetch, lambda: uuid.uuid4().hex)
+            think_seconds = time.perf_counter() - clock
+            await compat.drop_async(self.engine, search.keys)
+            unscored = search.unscored()
+            rescored = await self._score(search.sequences(unscored), True) if unscored else []
+            candidates = search.candidates(dict(zip(unscored, rescored, strict=True)))
+            best = rows_.choose(candidates)
+            requests = rows_.answer_requests(self.rules, params, 0, prompt, candidates, best)
+            answer_start = time.perf_counter()
+            answer = None
+            if requests:
+                [(_, (ids, sampling))] = requests
+                answer = await compat.final_output(self.engine, ids, sampling, answer_id)
+        except BaseException:  # as _generate: every request aborted by id, every record dropped, shielded
+            await asyncio.shield(self._forget(search.keys + [answer_id], search.keys))
+            raise
+        seconds = {"think": think_seconds, "engine": engine_seconds[0], "answer": time.perf_counter() - answer_start}
+        return search_.search_result(search, candidates, best, answer, seconds)
+
+    async def _prompt_logits(self, prompt: list[int]) -> dict[int, float]:
+        """Head logits at the prompt positions a final rule could score, by one prefill-only request (none
+        usually: the prompt precedes `<think>`)."""
+        positions = search_.prompt_positions(self.rules, prompt)
+        if not positions:
+            return {}
+        key = uuid.uuid4().hex
+        try:
+            await compat.final_output(self.engine, *rows_.score_request(prompt, key), key)
+            logits = (await compat.fetch_async(self.engine, {key: positions}))[key][0]
+        finally:
+            await compat.drop_async(self.engine, [key])
+        return {t: z for t, z in zip(positions, logits, strict=True) if z is not None}

@@ -22,8 +22,10 @@ import uuid
 
 import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
+import sprm_kernels.model.engines.vllm.search as search_
 from sprm_kernels.model.core.head import SPRMHead
 from sprm_kernels.model.core.params import GenerationParams, params_from
+from sprm_kernels.model.core.progress import progress_bar
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
 from sprm_kernels.model.core.types import GenerationResult, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
@@ -342,6 +344,68 @@ class VLLMReflectiveModel:
             answers = rows_.answer_requests(self.rules, params, p, prompt_ids[p], candidates[p], best[p])
             requests += [((p, j), request) for j, request in answers]
         return requests
+
+    # -- step-level search (engines.base.SupportsSearch) ------------------------------------------------------
+
+    def search(self, prompt_or_messages, *, progress: bool = False, backend: str | None = None, **options):
+        """Step-level beam search or DVTS guided by the step scores, as `ReflectiveModel.search` (same options:
+        method="beam" | "dvts", beam_width, expansions, aggregate, and generate's sampling options; same result
+        contract: the candidates are the finished beams). Rounds are vLLM requests that stop at a step token;
+        survivors are forked through the prefix cache (`search.py`). `stats.seconds["engine"]` is the time spent
+        in vLLM's calls, the rest of "think" the search's own work."""
+        shape, params = search_.search_params(options)
+        _check_backend(backend)
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress: expected a bool, got {progress!r}")
+        prompt = chat_prompt_ids(self.tokenizer, prompt_or_messages)
+        self._check_lengths([prompt], "prompt_or_messages", extra=1)
+        clock = time.perf_counter()
+        engine_seconds = [0.0]
+
+        def timed(call):
+            def run(*args):
+                start = time.perf_counter()
+                try:
+                    return call(*args)
+                finally:
+                    engine_seconds[0] += time.perf_counter() - start
+
+            return run
+
+        submit = timed(lambda requests: compat.run(self.llm, requests))
+        fetch = timed(lambda wanted: compat.fetch(self.llm, wanted))
+        search = search_.RoundSearch(self.rules, prompt, shape, params, self._prompt_logits(prompt, submit, fetch))
+        bar = progress_bar(None, f"{shape.method} search", progress, leave=False)
+        try:
+            search_.run_rounds(search, submit, fetch, self._new_key, bar)
+        finally:
+            compat.drop(self.llm, search.keys)
+            if bar is not None:
+                bar.close()
+        think_seconds = time.perf_counter() - clock
+        unscored = search.unscored()
+        rescored = dict(zip(unscored, self._score_sequences(search.sequences(unscored), True), strict=True))
+        candidates = search.candidates(rescored)
+        best = rows_.choose(candidates)
+        requests = rows_.answer_requests(self.rules, params, 0, prompt, candidates, best)
+        answer_start = time.perf_counter()
+        outs = compat.run(self.llm, [request for _, request in requests])
+        seconds = {"think": think_seconds, "engine": engine_seconds[0], "answer": time.perf_counter() - answer_start}
+        return search_.search_result(search, candidates, best, outs[0] if outs else None, seconds)
+
+    def _prompt_logits(self, prompt: list[int], submit, fetch) -> dict[int, float]:
+        """Head logits at the prompt positions a final rule could score, by one prefill-only request (none
+        usually: the prompt precedes `<think>`)."""
+        positions = search_.prompt_positions(self.rules, prompt)
+        if not positions:
+            return {}
+        key = self._new_key()
+        try:
+            submit([rows_.score_request(prompt, key)])
+            logits = fetch({key: positions})[key][0]
+        finally:
+            compat.drop(self.llm, [key])
+        return {t: z for t, z in zip(positions, logits, strict=True) if z is not None}
 
 
 def _check_backend(backend) -> None:

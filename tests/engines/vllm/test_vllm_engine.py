@@ -207,7 +207,7 @@ def test_bad_prompts_and_score_inputs_give_the_hf_engine_errors(engines):
 def test_info_describes_the_vllm_engine(engines, tiny_path):
     vllm_engine, hf = engines
     info, hf_info = vllm_engine.info(), hf.info()
-    assert info.engine == "vllm" and supports_prompt_lists(vllm_engine) and not supports_search(vllm_engine)
+    assert info.engine == "vllm" and supports_prompt_lists(vllm_engine) and supports_search(vllm_engine)
     assert (info.hidden_size, info.num_layers, info.dtype) == (hf_info.hidden_size, hf_info.num_layers, "float32")
     assert info.context_length == 256 and info.path == tiny_path
 
