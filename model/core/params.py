@@ -158,6 +158,24 @@ class SearchParams:
         return tuple(f.name for f in fields(cls))
 
 
+# The sampling fields of GenerationParams a search takes (its batch is beam_width x expansions rows, not k).
+SEARCH_SAMPLING_OPTIONS = (
+    "max_think_tokens", "max_answer_tokens", "temperature", "top_p", "answer_temperature", "seed",
+)  # fmt: skip
+
+
+def search_options(options: dict) -> tuple[SearchParams, dict]:
+    """`search`'s keyword options split and checked: (its shape, its sampling options). TypeError names an option
+    that is neither (e.g. `k`: a search's batch is beam_width x expansions)."""
+    shape = params_from(SearchParams, "search", {n: v for n, v in options.items() if n in SearchParams.names()})
+    sampling = {n: v for n, v in options.items() if n not in SearchParams.names()}
+    unknown = sorted(set(sampling) - set(SEARCH_SAMPLING_OPTIONS))
+    if unknown:
+        raise TypeError(f"search: unknown option {unknown[0]!r} (expected the fields of SearchParams and "
+                        f"{', '.join(SEARCH_SAMPLING_OPTIONS)})")  # fmt: skip
+    return shape, sampling
+
+
 # -- defaults read from a model folder -----------------------------------------------------------------------------
 
 TASK_FILE = "sprm_task.json"  # a model folder's recommended sampling settings (the shipped model has one)

@@ -108,8 +108,20 @@ class SupportsAsync(Protocol):
     def astream(self, prompt_or_messages, **options): ...
 
 
+@runtime_checkable
+class SupportsAsyncSearch(Protocol):
+    """`search` as a coroutine (the server's vLLM engine): its requests share the engine's batches with every other
+    call, and cancelling it aborts them."""
+
+    async def asearch(self, prompt_or_messages, **options) -> GenerationResult: ...
+
+
 def supports_async(engine) -> bool:
     return isinstance(engine, SupportsAsync)
+
+
+def supports_async_search(engine) -> bool:
+    return isinstance(engine, SupportsAsyncSearch)
 
 
 def supports_search(engine) -> bool:

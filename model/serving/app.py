@@ -54,6 +54,7 @@ from sprm_kernels.model.serving.schemas import (
     ScoreBatchRequest,
     ScoreRequest,
     given_options,
+    search_given,
 )
 from sprm_kernels.model.serving.worker import ModelCallFailed, ModelWorker, Overloaded, TimedOut
 
@@ -214,7 +215,8 @@ def create_app(
         if overflow is not None:
             raise HTTPException(413, overflow)
         try:
-            result = await unless_disconnected(http, worker.generate(prompt, **options))
+            search = search_given(request.search)
+            result = await unless_disconnected(http, worker.generate(prompt, search, **options))
         except ValueError as error:  # an argument the request model let through and `generate` refused
             raise HTTPException(422, str(error)) from None
         except (Overloaded, HTTPException, TimedOut, ClientGone):

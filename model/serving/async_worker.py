@@ -14,7 +14,15 @@ import threading
 import time
 
 from sprm_kernels.model.core.types import ScoreResult
-from sprm_kernels.model.serving.worker import Admission, ServerStats, TimedOut, log_generation
+from sprm_kernels.model.engines.base import supports_async_search
+from sprm_kernels.model.serving.worker import (
+    Admission,
+    ServerStats,
+    TimedOut,
+    log_generation,
+    result_events,
+    search_sampling,
+)
 
 logger = logging.getLogger("sprm.server")
 
@@ -62,18 +70,30 @@ class AsyncWorker:
         self.stats.batches_served += 1
         return results
 
-    async def generate(self, prompt, **options):
+    async def generate(self, prompt, search: dict | None = None, **options):
+        """The engine's `agenerate`, or with `search` (SearchParams fields) its `asearch`."""
+        if search is not None and not supports_async_search(self.model):
+            raise ValueError(f"search: the {self.model.info().engine} engine has no step-level search")
+        if search is None:
+            call = self.model.agenerate(prompt, **options)
+        else:
+            call = self.model.asearch(prompt, **search, **search_sampling(options))
         with self.admission.admitted(1):
             start = time.perf_counter()
             try:
-                result = await self._bounded(self.model.agenerate(prompt, **options))
+                result = await self._bounded(call)
             finally:
                 self.stats.generations += 1
         log_generation(result, start)
         return result
 
-    async def stream(self, prompt, **options):
-        """The engine's `astream` events, under the same bound and deadline."""
+    async def stream(self, prompt, search: dict | None = None, **options):
+        """The engine's `astream` events, under the same bound and deadline; a search's all come once it is
+        done (its answer follows the choice of a finished beam, as best-of-k's does)."""
+        if search is not None:
+            for event in result_events(await self.generate(prompt, search, **options)):
+                yield event
+            return
         with self.admission.admitted(1):
             deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
             events = self.model.astream(prompt, **options)

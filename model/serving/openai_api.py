@@ -32,7 +32,7 @@ from sprm_kernels.model.core.params import GenerationParams
 from sprm_kernels.model.core.types import finite_or_none
 from sprm_kernels.model.engines.base import Engine
 from sprm_kernels.model.serving.run import RETRY_AFTER_SECONDS
-from sprm_kernels.model.serving.schemas import MAX_K, request_field
+from sprm_kernels.model.serving.schemas import MAX_K, SearchOptions, request_field
 from sprm_kernels.model.serving.text_pieces import MAX_STOP_STRINGS, answer_pieces, cut_at_stop
 from sprm_kernels.model.serving.worker import ModelCallFailed, Overloaded, TimedOut
 
@@ -64,6 +64,7 @@ SprmOptions = create_model(
     max_think_tokens=params_field("max_think_tokens"),
     return_candidates=(bool, False),
     **{name: params_field(name) for name in PRUNING_OPTIONS},
+    search=(SearchOptions | None, None),
 )
 
 

@@ -42,6 +42,7 @@ from sprm_kernels.model.serving.openai_api import (
     thinking_text,
     usage_of,
 )
+from sprm_kernels.model.serving.schemas import search_given
 from sprm_kernels.model.serving.text_pieces import TextPieces
 from sprm_kernels.model.serving.worker import ModelCallFailed, Overloaded, TimedOut
 
@@ -124,6 +125,7 @@ async def run_completion(http: Request, request, prompt, chars: int, param: str,
     streamed (`form`'s chunks); the client's disconnect cancels it."""
     model, worker = served.model, served.worker
     given = given_options(request)
+    search = search_of(request)
     stop = stop_strings(request)
     try:
         served.check_chars(param, chars)
@@ -145,10 +147,10 @@ async def run_completion(http: Request, request, prompt, chars: int, param: str,
         return choices, usage_of(result, choices), sprm_of(result, choices, return_candidates)
 
     if not request.stream:
-        result = await model_call(unless_disconnected(http, worker.generate(prompt, **options)))
+        result = await model_call(unless_disconnected(http, worker.generate(prompt, search, **options)))
         return form.response(head, *finished(result))
     include_usage = request.stream_options is not None and request.stream_options.include_usage
-    events = worker.stream(prompt, **options)
+    events = worker.stream(prompt, search, **options)
     # The first event (the reasoning, once chosen) before the response starts: an error until then (queue full, a
     # timeout) is still an HTTP status the client's library raises.
     first = await model_call(unless_disconnected(http, anext(events)))
@@ -262,6 +264,21 @@ def given_options(request) -> dict:
         "answer_all": True if request.n > 1 else None,  # each of the n choices needs its own answer
         **{name: None if sprm is None else getattr(sprm, name) for name in PRUNING_OPTIONS},
     }
+
+
+def search_of(request) -> dict | None:
+    """`sprm.search` as `search` keyword arguments, or None; a search writes one answer from beam_width x
+    expansions rows, so n > 1, sprm.k and pruning are refused with it."""
+    sprm = request.sprm
+    if sprm is None or sprm.search is None:
+        return None
+    if request.n > 1:
+        raise OpenAIError(400, f"n: a search writes one answer, got n={request.n}", param="n")
+    given = [name for name in ("k", *PRUNING_OPTIONS) if getattr(sprm, name) is not None]
+    if given:
+        raise OpenAIError(400, f"sprm.{given[0]}: not with sprm.search (its batch is beam_width x expansions rows)",
+                          param=f"sprm.{given[0]}")  # fmt: skip
+    return search_given(sprm.search)
 
 
 def add_openai_routes(app: FastAPI, served: Served) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from sprm_kernels.model.core.params import GenerationParams
+from sprm_kernels.model.core.params import GenerationParams, SearchParams
 
 MAX_K = 64  # candidates per generation: twice the paper's "high" mode; more is a denial of service, not a request
 
@@ -82,12 +82,34 @@ GenerationOptions = generation_options_model()
 GENERATION_OPTIONS = tuple(f.name for f in served_fields())
 
 
+def search_options_model() -> type[Strict]:
+    """`search`: the fields of `core.params.SearchParams`; `method` is required, the others default to its."""
+    hints = typing.get_type_hints(SearchParams)
+    options = {f.name: request_field(f.name, hints[f.name], f.metadata) for f in fields(SearchParams)}
+    method_type, method_field = options["method"]
+    options["method"] = (typing.get_args(method_type)[0], Field(..., description=method_field.description))
+    return create_model("SearchOptions", __base__=Strict, **options)
+
+
+SearchOptions = search_options_model()
+PRUNING_FIELDS = tuple(f.name for f in fields(GenerationParams) if f.name.startswith(("prune", "confidence_")))
+
+
+def search_given(search) -> dict | None:
+    """A request's `search` object as `search` keyword arguments (fields not given take SearchParams' defaults)."""
+    if search is None:
+        return None
+    return {name: value for name, value in search.model_dump().items() if value is not None}
+
+
 class GenerateRequest(GenerationOptions):
-    """A prompt (or messages) and the generation options; an option left out takes the model's default."""
+    """A prompt (or messages) and the generation options; an option left out takes the model's default. With
+    `search`, a step-level beam search or DVTS instead of best-of-k (its batch is beam_width x expansions rows)."""
 
     prompt: str | None = None
     messages: list[Message] | None = None
     return_token_ids: bool = False
+    search: SearchOptions | None = None
 
     @model_validator(mode="after")
     def _one_prompt_one_size(self):
@@ -95,6 +117,11 @@ class GenerateRequest(GenerationOptions):
             raise ValueError("expected exactly one of prompt and messages")
         if self.mode is not None and self.k is not None:
             raise ValueError("expected mode or k, not both")
+        if self.search is not None:
+            given = [name for name in ("mode", "k", *PRUNING_FIELDS) if getattr(self, name, None) is not None]
+            if given:
+                raise ValueError(f"search: the batch is beam_width x expansions rows, not best-of-k; {given[0]} "
+                                 "does not apply")  # fmt: skip
         return self
 
 

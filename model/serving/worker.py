@@ -26,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+from sprm_kernels.model.core.params import SEARCH_SAMPLING_OPTIONS
 from sprm_kernels.model.core.types import ScoreResult
-from sprm_kernels.model.engines.base import Engine
+from sprm_kernels.model.engines.base import Engine, supports_search
 
 logger = logging.getLogger("sprm.server")
 
@@ -87,6 +88,20 @@ class Admission:
             self.on_change()
 
 
+def search_sampling(options: dict) -> dict:
+    """The options a search takes of a generation's resolved options (`core.params.SEARCH_SAMPLING_OPTIONS`; the
+    routes refuse mode, k and pruning with a search, so only their defaults are left out)."""
+    return {name: value for name, value in options.items() if name in SEARCH_SAMPLING_OPTIONS}
+
+
+def result_events(result):
+    """A finished result as `astream`'s events: the reasoning, the answer a token at a time, the result."""
+    yield "reasoning", result.candidates, result.best
+    for end in range(1, len(result.answer_token_ids)):  # one token at a time, as an incremental engine does
+        yield "answer", list(result.answer_token_ids[:end])
+    yield "result", result
+
+
 def log_generation(result, start: float) -> None:
     logger.info("generate: %d candidates, %d tokens through the model, %.1f ms", len(result.candidates),
                 result.stats.total_tokens, 1000 * (time.perf_counter() - start))  # fmt: skip
@@ -142,25 +157,28 @@ class ModelWorker:
             self._wakeup.set()
             return list(await asyncio.gather(*(item.future for item in queued)))
 
-    async def generate(self, prompt, **options):
+    async def generate(self, prompt, search: dict | None = None, **options):
+        """The engine's `generate`, or with `search` (SearchParams fields) its `search` with the sampling options."""
+        if search is not None and not supports_search(self.model):
+            raise ValueError(f"search: the {self.model.info().engine} engine has no step-level search")
+        call = partial(self.model.generate, prompt, **options)
+        if search is not None:
+            call = partial(self.model.search, prompt, **search, **search_sampling(options))
         with self.admission.admitted(1):
             async with self._model_lock:
                 start = time.perf_counter()
                 try:
-                    result = await self._in_worker(partial(self.model.generate, prompt, **options))
+                    result = await self._in_worker(call)
                 finally:
                     self.stats.generations += 1
         log_generation(result, start)
         return result
 
-    async def stream(self, prompt, **options):
+    async def stream(self, prompt, search: dict | None = None, **options):
         """`generate`, then its result as the events of `engines.base.SupportsAsync.astream`: this worker's model
         call is not incremental, so they all come once the generation is done."""
-        result = await self.generate(prompt, **options)
-        yield "reasoning", result.candidates, result.best
-        for end in range(1, len(result.answer_token_ids)):  # one token at a time, as an incremental engine does
-            yield "answer", list(result.answer_token_ids[:end])
-        yield "result", result
+        for event in result_events(await self.generate(prompt, search, **options)):
+            yield event
 
     async def _in_worker(self, call: Callable):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)

@@ -182,9 +182,18 @@ def test_generate_request_fields_are_the_generation_params():
     served = {f.name: f.metadata["help"] for f in fields(GenerationParams)}
     del served["return_features"], served["answer_all"]
     request_fields = GenerateRequest.model_fields
-    assert set(request_fields) == set(served) | {"prompt", "messages", "return_token_ids"}
+    assert set(request_fields) == set(served) | {"prompt", "messages", "return_token_ids", "search"}
     for name, help_text in served.items():
         assert request_fields[name].default is None and request_fields[name].description == help_text, name
+    # `search` is SearchParams' fields the same way (method required)
+    from sprm_kernels.model.core.params import SearchParams
+    from sprm_kernels.model.serving.schemas import SearchOptions
+
+    searched = {f.name: f.metadata["help"] for f in fields(SearchParams)}
+    assert set(SearchOptions.model_fields) == set(searched)
+    for name, help_text in searched.items():
+        assert SearchOptions.model_fields[name].description == help_text, name
+    assert SearchOptions.model_fields["method"].is_required()
 
 
 def test_generate_leaves_out_options_to_the_models_defaults(model, monkeypatch):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sprm_kernels import StepScorer, resolve_backend
-from sprm_kernels.model.core.params import GenerationParams, SearchParams, params_from
+from sprm_kernels.model.core.params import GenerationParams, SearchParams, search_options
 from sprm_kernels.model.core.progress import progress_bar
 from sprm_kernels.model.core.sampling import sample_tokens
 from sprm_kernels.model.core.selection import choose_best, geometric_mean, search_survivors
@@ -184,10 +184,6 @@ class StepSearch:
         )
 
 
-# The sampling fields of GenerationParams a search takes (its batch size is beam_width x expansions, not k).
-SAMPLING_OPTIONS = ("max_think_tokens", "max_answer_tokens", "temperature", "top_p", "answer_temperature", "seed")
-
-
 @torch.inference_mode()
 def search(
     rm, prompt_or_messages, *, backend: str | None = None, progress: bool = False, **options
@@ -196,13 +192,9 @@ def search(
     candidates are the finished beams; `stats.think_generated_tokens` counts every thinking token sampled, pruned
     rows included, and `stats.seconds["forward"]` the time spent in the model's forwards. `progress` shows a bar
     of the search's rounds (one per step) on stderr. `options`: the fields of `SearchParams` (method, beam_width,
-    expansions, aggregate) and the sampling fields of `GenerationParams` (SAMPLING_OPTIONS), with their defaults."""
-    shape = params_from(SearchParams, "search", {n: v for n, v in options.items() if n in SearchParams.names()})
-    sampling = {n: v for n, v in options.items() if n not in SearchParams.names()}
-    unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
-    if unknown:
-        raise TypeError(f"search: unknown option {unknown[0]!r} (expected the fields of SearchParams and "
-                        f"{', '.join(SAMPLING_OPTIONS)})")  # fmt: skip
+    expansions, aggregate) and the sampling fields of `GenerationParams` (`core.params.SEARCH_SAMPLING_OPTIONS`),
+    with their defaults."""
+    shape, sampling = search_options(options)
     params = GenerationParams(k=shape.beam_width * shape.expansions, **sampling)
     backend = rm.backend if backend is None else backend
     resolve_backend(rm.device, backend)

@@ -28,24 +28,16 @@ from dataclasses import dataclass, field, replace
 
 import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
-from sprm_kernels.model.core.params import GenerationParams, SearchParams, params_from
+from sprm_kernels.model.core.params import GenerationParams, SearchParams, search_options
 from sprm_kernels.model.core.selection import search_survivors
 from sprm_kernels.model.core.steps import is_scorable_pair, prompt_step_positions
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_KEY
 
-# The sampling fields of GenerationParams a search takes (its batch is beam_width x expansions rows, not k).
-SAMPLING_OPTIONS = ("max_think_tokens", "max_answer_tokens", "temperature", "top_p", "answer_temperature", "seed")
-
 
 def search_params(options: dict) -> tuple[SearchParams, GenerationParams]:
     """The search's shape and its sampling, checked, from `search`'s keyword options (the HF engine's)."""
-    shape = params_from(SearchParams, "search", {n: v for n, v in options.items() if n in SearchParams.names()})
-    sampling = {n: v for n, v in options.items() if n not in SearchParams.names()}
-    unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
-    if unknown:
-        raise TypeError(f"search: unknown option {unknown[0]!r} (expected the fields of SearchParams and "
-                        f"{', '.join(SAMPLING_OPTIONS)})")  # fmt: skip
+    shape, sampling = search_options(options)
     return shape, GenerationParams(k=shape.beam_width * shape.expansions, **sampling)
 
 

@@ -119,6 +119,35 @@ def test_a_client_that_hangs_up_has_its_rows_aborted(served, vllm_async_shipped)
     assert asyncio.run(engine.engine_state()) == {"unfinished_requests": 0, "records": 0}
 
 
+def test_chat_completion_searches_on_the_async_engine(served, vllm_async_shipped):
+    """`sprm.search` runs the engine's `asearch`; concurrent searches answer as each one alone."""
+    from sprm_kernels.model.core.params import SEARCH_SAMPLING_OPTIONS
+    from sprm_kernels.model.engines.common import generation_options
+
+    base, worker = served
+    search = {"method": "beam", "beam_width": 2, "expansions": 2}
+
+    def ask(seed: int):
+        response = client_of(base).chat.completions.create(
+            model="shipped",
+            messages=MESSAGES,
+            seed=seed,
+            extra_body={"sprm": {"search": search, "return_candidates": True}},
+        )
+        return response.choices[0].message.content, [c["text"] for c in extra(response, "sprm")["candidates"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    for seed, (answer, texts) in enumerate(together):
+        options = generation_options(vllm_async_shipped, MESSAGES, seed=seed)
+        result = vllm_async_shipped.search(
+            MESSAGES, **search, **{n: v for n, v in options.items() if n in SEARCH_SAMPLING_OPTIONS}
+        )
+        assert answer == result.answer and texts == [c.text for c in result.candidates]
+    assert worker.in_hand == 0
+    assert asyncio.run(vllm_async_shipped.engine_state()) == {"unfinished_requests": 0, "records": 0}
+
+
 def test_errors_are_openai_errors(served):
     base, _ = served
     with pytest.raises(openai.BadRequestError) as error:
