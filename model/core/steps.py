@@ -110,3 +110,21 @@ def scored_positions(
     )  # fmt: skip
     step_index, offsets, starts = step_index.tolist(), offsets.tolist(), cu_seqlens.tolist()
     return [[i - starts[row] for i in step_index[offsets[row] : offsets[row + 1]]] for row in range(len(lengths))]
+
+
+def scored_positions_list(
+    sequence: Sequence[int], step_ids: Collection[int], think_start_id: int, think_end_id: int
+) -> list[int]:
+    """`scored_positions` of one sequence in pure Python (§3 with start and end final): for the host's many small
+    reads of short partial sequences (the vLLM search's rounds), where building tensors costs more than the rule.
+    `step_ids` best a set. tests/core/test_steps.py checks it against `scored_positions` on random sequences."""
+    length = len(sequence)
+    starts = [i for i, x in enumerate(sequence) if x == think_start_id]
+    ends = [i for i, x in enumerate(sequence) if x == think_end_id]
+    start = starts[0] if len(starts) == 1 else 0
+    end = ends[0] if len(ends) == 1 else length
+    return [
+        t
+        for t in range(start + 1, min(end, length - 1))
+        if is_scorable_pair(sequence[t], sequence[t + 1], step_ids, think_start_id)
+    ]

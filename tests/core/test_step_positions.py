@@ -189,3 +189,17 @@ def test_engine_rule_streamed_token_by_token_equals_the_offline_rule():
         assert prompt_step_positions(row, [STEP], OPEN) == rules_1_to_3
         assert set(expected) <= set(rules_1_to_3)
     assert scored_positions([], **RULE) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_pure_python_rule_equals_the_offline_rule(seed):
+    """`core.steps.scored_positions_list` (the vLLM search's host reads) against the reference, on random rows
+    with markers once, twice or not at all, their every prefix (a partial row), and the hand cases."""
+    from sprm_kernels.model.core.steps import scored_positions_list
+
+    rows = random_token_rows(12, 48, seed=seed).tolist() + [case for case, _ in HAND_CASES]
+    for row in rows:
+        for end in range(0, len(row) + 1, 5 if len(row) > 20 else 1):
+            prefix = row[:end]
+            expected = step_positions_reference(torch.tensor([prefix]), **RULE)[0].tolist() if prefix else []
+            assert scored_positions_list(prefix, {STEP}, OPEN, CLOSE) == expected, prefix

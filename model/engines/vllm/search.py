@@ -23,6 +23,7 @@ scored again by a prefill-only request, so every candidate's score equals a plai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -30,9 +31,10 @@ import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
 from sprm_kernels.model.core.params import GenerationParams, SearchParams, search_options
 from sprm_kernels.model.core.selection import search_survivors
-from sprm_kernels.model.core.steps import is_scorable_pair, prompt_step_positions
+from sprm_kernels.model.core.steps import is_scorable_pair, prompt_step_positions, scored_positions_list
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_KEY
+from sprm_kernels.reference import LOG_PROB_EPS
 
 
 def search_params(options: dict) -> tuple[SearchParams, GenerationParams]:
@@ -122,7 +124,7 @@ class RoundSearch:
         row.at_boundary = (
             not new  # nothing more could be written
             or self.terminal(row)
-            or (new[-1] in self.step_ids and last in rows_.positions_of(self.rules, [sequence])[0])
+            or (new[-1] in self.step_ids and last in self.positions(sequence))
         )
 
     def terminal(self, row: Partial) -> bool:
@@ -153,22 +155,29 @@ class RoundSearch:
 
     # -- scores ----------------------------------------------------------------------------------------------
 
+    def positions(self, sequence: list[int]) -> list[int]:
+        """The exact rule (docs/method.md §3) in pure Python: the search reads short partial rows many times."""
+        rules = self.rules
+        return scored_positions_list(sequence, self.step_ids, rules.think_start_id, rules.think_end_id)
+
     def probabilities(self, row: Partial) -> tuple[list[int], list[float | None]]:
         """The exact rule on the row's ids so far (an unfinished row's span ends at its length) and the logits
         kept at those positions (None where none was recorded)."""
-        positions = rows_.positions_of(self.rules, [self.prompt + row.tokens])[0]
+        positions = self.positions(self.prompt + row.tokens)
         return positions, [row.logits.get(t, self.prompt_logits.get(t)) for t in positions]
 
     def running_score(self, row: Partial) -> float:
         """As the HF search: "mean" the geometric mean of the step probabilities so far (the final score's
-        rule), "last" the last one, "min" the lowest; 0 before the first scored step."""
+        rule), "last" the last one, "min" the lowest; 0 before the first scored step. In float64 on the host, for
+        ranking only (a few floats per row: tensors would cost more than the arithmetic); candidates' scores are
+        the fp32 `score_values`."""
         _, logits = self.probabilities(row)
         known = [z for z in logits if z is not None]
         if not known:
             return 0.0
-        value, probs = rows_.score_values(known)
         if self.shape.aggregate == "mean":
-            return value
+            return math.exp(sum(clamped_log_sigmoid(z) for z in known) / len(known))
+        probs = [math.exp(clamped_log_sigmoid(z)) for z in known]
         return probs[-1] if self.shape.aggregate == "last" else min(probs)
 
     def unscored(self) -> list[int]:
@@ -191,6 +200,14 @@ class RoundSearch:
             value, probs = rows_.score_values(logits)
             out.append(rows_.candidate(self.rules, row.tokens, positions, value, probs))
         return out
+
+
+def clamped_log_sigmoid(z: float) -> float:
+    """max(log sigmoid(z), log 1e-10), stable for any |z|; NaN stays NaN (and ranks lowest)."""
+    if math.isnan(z):
+        return z
+    value = -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+    return max(value, LOG_PROB_EPS)
 
 
 def search_seed(seed: int | None, round_: int, row: int, attempt: int) -> int | None:
