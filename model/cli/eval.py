@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--search", default=None, metavar="beam,dvts",
         help="the compute view: best-of-k and voting against these step-level searches, accuracy against decoded "
-        "thinking tokens (--ks up to 16 is plenty; --plot draws it)",
+        "thinking tokens, on --engine (--ks up to 16 is plenty; --plot draws it)",
     )  # fmt: skip
     parser.add_argument(
         "--widths", type=positive_int_list, default=[1, 2, 4], help="--search: beam widths / DVTS subtrees (1,2,4)"
@@ -116,6 +116,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         methods = tuple(m.strip() for m in args.search.split(","))
         if not methods or any(m not in SEARCH_METHODS for m in methods):
             raise UsageError(f"--search: expected beam, dvts or beam,dvts, got {args.search!r}")
+        if args.ray is not None:
+            raise UsageError("--search: not with --ray (the compute view runs on one engine here)")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
@@ -161,8 +163,9 @@ def run_compute_view(args: argparse.Namespace) -> int:
 
     methods = tuple(m.strip() for m in args.search.split(","))
     result = compute_view(
-        args.model, n=args.n, ks=args.ks, widths=args.widths, expansions=args.expansions, search_methods=methods,
-        seed=args.seed, difficulty=args.difficulty, progress=not args.quiet, threads=args.threads,
+        args.model, engine=args.engine, n=args.n, ks=args.ks, widths=args.widths, expansions=args.expansions,
+        search_methods=methods, seed=args.seed, difficulty=args.difficulty, progress=not args.quiet,
+        threads=args.threads,
     )  # fmt: skip
     if args.plot:
         plot([result], args.plot)

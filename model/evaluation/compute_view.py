@@ -1,11 +1,16 @@
-"""`sprm eval --compute`: accuracy against decoded thinking tokens, best-of-k and voting against step-level search.
+"""`sprm eval --search`: accuracy against decoded thinking tokens, best-of-k and voting against step-level search.
 
-Every method answers the same held-out problems of the shipped task. Best-of-k, majority and SPRM-weighted voting
-use k candidates sampled once (`evaluate.sample_candidates`, k-subsets of k_max, as in `sprm eval`); their cost at
-k is k times the mean thinking length. Beam search and DVTS (`search.search`) run per problem and budget (beam
-width B, E children per survivor); their cost is every thinking token they sampled, pruned rows included. The
-answer is the last step's sum of the chosen thinking for every method (the task makes it a function of the
-thinking), so no answer tokens are counted anywhere.
+Every method answers the same held-out problems of the shipped task, on one engine (`--engine hf` or `vllm`).
+Best-of-k, majority and SPRM-weighted voting use k candidates sampled once (`evaluate.sample_candidates`,
+k-subsets of k_max, as in `sprm eval`); their cost at k is k times the mean thinking length. Beam search and DVTS
+(the engine's `search`) run per problem and budget (beam width B, E children per survivor); their cost is every
+thinking token they sampled, pruned rows included. The answer is the last step's sum of the chosen thinking for
+every method (the task makes it a function of the thinking), so no answer tokens are counted anywhere.
+
+The search overhead is the share of the search's time spent outside the engine's model work: on HF, the wall time
+of `search` less its forwards (`stats.seconds["forward"]`); on vLLM, the thinking phase less the time inside
+vLLM's calls (`1 - seconds["engine"] / seconds["think"]`: that includes vLLM's own scheduling and sampling, so it
+is the search's Python, not a bound on what a faster model would leave).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from sprm_kernels.model.shipped import SHIPPED_DIR, task
 VOTE_METHODS = ("sprm", "majority", "sprm_vote")  # best-of-k family drawn from the same samples
 NAMES = {"sprm": "SPRM best-of-k", "majority": "majority vote", "sprm_vote": "SPRM-weighted vote",
          "beam": "beam search", "dvts": "DVTS"}  # fmt: skip
+OVERHEAD = {"hf": "all but the model's forwards", "vllm": "outside vLLM's calls"}  # what `search_overhead` leaves out
 
 
 def think_budget(difficulty: int) -> int:
@@ -33,6 +39,8 @@ def think_budget(difficulty: int) -> int:
 def compute_view(
     model_dir: str | None = None,
     *,
+    engine: str = "hf",
+    rm=None,
     n: int = 100,
     ks=(1, 2, 4, 8, 16),
     widths=(1, 2, 4),
@@ -44,14 +52,29 @@ def compute_view(
     progress: bool = True,
     threads: int | None = None,
 ) -> dict:
-    """Rows {method, budget, accuracy, ci95, tokens} for every method and budget, and the goal checks."""
-
+    """Rows {method, budget, accuracy, ci95, tokens} for every method and budget (search rows also `seconds`:
+    wall seconds per problem), the search overhead per method, and the goal checks.
+    `engine`: "hf" or "vllm" (CPU, torch route); `rm`: an engine already loaded on `model_dir` (kept open),
+    else one is loaded here and closed at the end."""
+    from sprm_kernels.model.engines.base import supports_close
     from sprm_kernels.model.engines.registry import load_engine
 
     model_dir = model_dir or SHIPPED_DIR
     temperature, difficulty = task_settings(model_dir, temperature, difficulty)
+    owned = rm is None
+    rm = load_engine(model_dir, engine=engine, device="cpu", backend="torch") if owned else rm
+    try:
+        return _compute_view(rm, model_dir, n=n, ks=ks, widths=widths, expansions=expansions,
+                             search_methods=search_methods, seed=seed, difficulty=difficulty, temperature=temperature,
+                             progress=progress, threads=threads)  # fmt: skip
+    finally:
+        if owned and supports_close(rm):
+            rm.close()
+
+
+def _compute_view(rm, model_dir, *, n, ks, widths, expansions, search_methods, seed, difficulty, temperature,
+                  progress, threads) -> dict:  # fmt: skip
     max_think = think_budget(difficulty)
-    rm = load_engine(model_dir, engine="hf", device="cpu", backend="torch")
     info = rm.info()
     set_threads(threads, device=info.device, num_parameters=info.num_parameters)  # else 1 for a small model
     problems = task.problems("test", n, seed=seed, difficulty=difficulty)
@@ -70,32 +93,40 @@ def compute_view(
     sampling_seconds = time.perf_counter() - start
     overhead = {}
     for method in search_methods:
-        forward = total = 0.0
+        model = total = 0.0  # the model's work (HF: forwards; vLLM: its calls) and the search's time
         for width in widths:
             correct, tokens = [], []
+            began_budget = time.perf_counter()
             for i, problem in enumerate(problems):
                 began = time.perf_counter()
                 result = rm.search(
                     problem.prompt, method=method, beam_width=width, expansions=expansions, temperature=temperature,
                     top_p=1.0, seed=seed * 1_000_003 + i, max_think_tokens=max_think, max_answer_tokens=0,
                 )  # fmt: skip
-                total += time.perf_counter() - began
-                forward += result.stats.seconds["forward"]
+                seconds = result.stats.seconds
+                if info.engine == "vllm":
+                    total += seconds["think"]
+                    model += seconds["engine"]
+                else:
+                    total += time.perf_counter() - began
+                    model += seconds["forward"]
                 chosen = result.candidates[result.best]
                 answer = task.answer_from_thinking(chosen.text) if chosen.finished else None
                 correct.append(float(task.is_correct(problem, answer)))
                 tokens.append(result.stats.think_generated_tokens)
             values = np.array(correct)
             rows.append({"method": method, "budget": f"B={width},E={expansions}", "accuracy": float(values.mean()),
-                         "ci95": ci95(values), "tokens": float(np.mean(tokens))})  # fmt: skip
+                         "ci95": ci95(values), "tokens": float(np.mean(tokens)),
+                         "seconds": (time.perf_counter() - began_budget) / n})  # fmt: skip
             if progress:
                 print(
                     f"  {method} B={width}: accuracy {values.mean():.3f}, {np.mean(tokens):.0f} tokens", file=sys.stderr
                 )
-        overhead[method] = 1.0 - forward / total if total else math.nan
+        overhead[method] = 1.0 - model / total if total else math.nan
     return {
-        "model_dir": model_dir, "n": n, "difficulty": difficulty, "seed": seed, "temperature": temperature,
-        "expansions": expansions, "rows": rows, "search_overhead": overhead, "goals": goals(rows),
+        "model_dir": model_dir, "engine": info.engine, "n": n, "difficulty": difficulty, "seed": seed,
+        "temperature": temperature, "expansions": expansions, "rows": rows, "search_overhead": overhead,
+        "goals": goals(rows),
         "seconds": {"sampling": sampling_seconds, "total": time.perf_counter() - start},
     }  # fmt: skip
 
@@ -129,13 +160,17 @@ def goals(rows) -> dict:
 
 
 def format_table(result: dict) -> str:
+    engine = result.get("engine", "hf")
     lines = [f"n={result['n']} test problems of {result['difficulty']} terms, temperature {result['temperature']}, "
-             f"seed {result['seed']}", f"{'method':<20} {'budget':<10} {'accuracy':>14} {'tokens':>9}"]  # fmt: skip
+             f"seed {result['seed']}, {engine} engine",
+             f"{'method':<20} {'budget':<10} {'accuracy':>14} {'tokens':>9} {'s/problem':>10}"]  # fmt: skip
     for r in result["rows"]:
+        seconds = f"{r['seconds']:>10.3f}" if "seconds" in r else ""
         lines.append(f"{NAMES.get(r['method'], r['method']):<20} {r['budget']:<10} "
-                     f"{r['accuracy']:>7.3f} ± {r['ci95']:.3f} {r['tokens']:>9.1f}")  # fmt: skip
+                     f"{r['accuracy']:>7.3f} ± {r['ci95']:.3f} {r['tokens']:>9.1f} {seconds}".rstrip())  # fmt: skip
+    where = "of its thinking time" if engine == "vllm" else "of its wall time"
     for method, share in result["search_overhead"].items():
-        lines.append(f"{NAMES[method]} overhead (all but the model's forwards): {share:.1%} of its wall time")
+        lines.append(f"{NAMES[method]} overhead ({OVERHEAD.get(engine, OVERHEAD['hf'])}): {share:.1%} {where}")
     for method, goal in result["goals"].items():
         share = goal["tokens_share_to_reach_best_of_8"]
         reach = "never" if share is None else f"with {share:.0%} of its tokens"
