@@ -412,7 +412,8 @@ class AsyncVLLMReflectiveModel:
         except BaseException:  # as _generate: every request aborted by id, every record dropped, shielded
             await asyncio.shield(self._forget(search.keys + [answer_id], search.keys))
             raise
-        seconds = {"think": think_seconds, "engine": engine_seconds[0], "answer": time.perf_counter() - answer_start}
+        seconds = {"think": think_seconds, "engine": engine_seconds[0], "select": answer_start - clock - think_seconds,
+                   "answer": time.perf_counter() - answer_start}  # fmt: skip
         return search_.search_result(search, candidates, best, answer, seconds)
 
     async def _prompt_logits(self, prompt: list[int]) -> dict[int, float]:

@@ -351,8 +351,8 @@ class VLLMReflectiveModel:
         """Step-level beam search or DVTS guided by the step scores, as `ReflectiveModel.search` (same options:
         method="beam" | "dvts", beam_width, expansions, aggregate, and generate's sampling options; same result
         contract: the candidates are the finished beams). Rounds are vLLM requests that stop at a step token;
-        survivors are forked through the prefix cache (`search.py`). `stats.seconds["engine"]` is the time spent
-        in vLLM's calls, the rest of "think" the search's own work."""
+        survivors are forked through the prefix cache (`search.py`). `stats.seconds`: "think" (the rounds),
+        "engine" (the part of "think" inside vLLM's calls), "select" (the candidates, the choice), "answer"."""
         shape, params = search_.search_params(options)
         _check_backend(backend)
         if not isinstance(progress, bool):
@@ -390,7 +390,8 @@ class VLLMReflectiveModel:
         requests = rows_.answer_requests(self.rules, params, 0, prompt, candidates, best)
         answer_start = time.perf_counter()
         outs = compat.run(self.llm, [request for _, request in requests])
-        seconds = {"think": think_seconds, "engine": engine_seconds[0], "answer": time.perf_counter() - answer_start}
+        seconds = {"think": think_seconds, "engine": engine_seconds[0], "select": answer_start - clock - think_seconds,
+                   "answer": time.perf_counter() - answer_start}  # fmt: skip
         return search_.search_result(search, candidates, best, outs[0] if outs else None, seconds)
 
     def _prompt_logits(self, prompt: list[int], submit, fetch) -> dict[int, float]:
