@@ -255,13 +255,14 @@ def _best_of(fn: Callable[[], object], repeats: int) -> float:
 # Results
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Appends `rows` (dicts keyed by CSV_COLUMNS) to the CSV at `path`, writing the header for a new file."""
+def append_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Appends `rows` (dicts keyed by `columns`, CSV_COLUMNS by default) to the CSV at `path`, writing the header
+    for a new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS if columns is None else columns)
         if new_file:
             writer.writeheader()
         writer.writerows(rows)

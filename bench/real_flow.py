@@ -25,7 +25,6 @@ appends rows to bench/results/real_flow.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import shlex
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import utc_timestamp, version_string
+from bench.common import append_csv, utc_timestamp, version_string
 
 PROMPTS = [
     "What is 17 * 23? Think step by step.",
@@ -203,18 +202,11 @@ def main(argv=None) -> int:
               f"{row['load_before']:.2f} -> {row['load_after']:.2f} |")  # fmt: skip
     if args.csv:
         path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            if new:
-                writer.writeheader()
-            common = {"timestamp": utc_timestamp(), "version": version_string(), "machine": machine,
-                      "threads": args.threads, "model": args.model, "prompts": args.prompts, "k": args.k,
-                      "max_think_tokens": args.max_think_tokens, "max_answer_tokens": args.max_answer_tokens,
-                      "command": command}  # fmt: skip
-            for row in rows:
-                writer.writerow({**common, **row})
+        common = {"timestamp": utc_timestamp(), "version": version_string(), "machine": machine,
+                  "threads": args.threads, "model": args.model, "prompts": args.prompts, "k": args.k,
+                  "max_think_tokens": args.max_think_tokens, "max_answer_tokens": args.max_answer_tokens,
+                  "command": command}  # fmt: skip
+        append_csv(path, [{**common, **row} for row in rows], CSV_COLUMNS)
         print(f"rows appended to {path}")
     return 0
 

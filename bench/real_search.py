@@ -26,7 +26,6 @@ to bench/results/real_search.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import shlex
@@ -34,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import utc_timestamp, version_string
+from bench.common import append_csv, utc_timestamp, version_string
 from bench.real_flow import PROMPTS
 
 FLOWS = ("best-of-k", "best-of-k-margin", "beam", "dvts", "best-of-k-batched")
@@ -153,6 +152,8 @@ def parse(argv):
 def main(argv=None) -> int:
     import torch
 
+    from sprm_kernels.model.engines.base import supports_close
+
     args = parse(argv)
     torch.set_num_threads(args.threads)
     prompts = PROMPTS[: args.prompts]
@@ -173,25 +174,18 @@ def main(argv=None) -> int:
     try:
         rows = [measure(flow, engine, prompts, args) for flow in args.flows]
     finally:
-        if hasattr(engine, "close"):
+        if supports_close(engine):
             engine.close()
     print()
     print(table(rows))
     if args.csv:
         path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            if new:
-                writer.writeheader()
-            common = {"timestamp": utc_timestamp(), "version": version_string(), "machine": machine,
-                      "engine": args.engine, "threads": args.threads, "model": args.model, "prompts": args.prompts,
-                      "k": args.k, "beam_width": args.beam_width, "expansions": args.expansions,
-                      "prune_margin": args.prune_margin, "max_think_tokens": args.max_think_tokens,
-                      "command": command}  # fmt: skip
-            for row in rows:
-                writer.writerow({**common, **row})
+        common = {"timestamp": utc_timestamp(), "version": version_string(), "machine": machine,
+                  "engine": args.engine, "threads": args.threads, "model": args.model, "prompts": args.prompts,
+                  "k": args.k, "beam_width": args.beam_width, "expansions": args.expansions,
+                  "prune_margin": args.prune_margin, "max_think_tokens": args.max_think_tokens,
+                  "command": command}  # fmt: skip
+        append_csv(path, [{**common, **row} for row in rows], CSV_COLUMNS)
         print(f"rows appended to {path}")
     return 0
 
