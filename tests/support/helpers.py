@@ -89,3 +89,24 @@ def requires_cuda(test):
     for mark in reversed(CUDA_MARKS):
         test = mark(test)
     return test
+
+
+def state_after_cancelling_running_rows(engine, start, seeds=range(5)) -> dict:
+    """The async vLLM engine's `engine_state()` read right after cancelling `start(seed)` (a coroutine of the
+    engine) once the worker holds its rows' step records. A call that finished before a read saw its records (a
+    much faster machine) is tried again with the next seed; each read is a round trip to the worker."""
+    import asyncio
+
+    async def run(seed: int):
+        task = asyncio.ensure_future(start(seed))
+        while not task.done() and (await engine.engine_state())["records"] == 0:
+            pass
+        if task.done():
+            return None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await engine.engine_state()
+
+    states = (asyncio.run(run(seed)) for seed in seeds)
+    return next(state for state in states if state is not None)

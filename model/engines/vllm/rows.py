@@ -223,11 +223,16 @@ def result_of(rules: RowRules, params, prompt, thinks, candidates, best, answers
     stats.pruned_think_tokens = sum(
         max(0, round(sum(kept) / len(kept)) - len(c.token_ids)) for c in candidates if c.pruned and kept
     )
+    return generation_result(rules, prompt, candidates, best, chosen_ids, stats)
+
+
+def generation_result(rules: RowRules, prompt, candidates, best: int, answer_ids: list[int], stats) -> GenerationResult:
+    """A prompt's `GenerationResult`, its answer decoded without special tokens."""
     return GenerationResult(
         candidates=candidates,
         best=best,
-        answer=rules.tokenizer.decode(chosen_ids, skip_special_tokens=True),
-        answer_token_ids=chosen_ids,
+        answer=rules.tokenizer.decode(answer_ids, skip_special_tokens=True),
+        answer_token_ids=answer_ids,
         prompt_token_ids=list(prompt),
         stats=stats,
     )

@@ -222,7 +222,9 @@ def prompt_positions(rules: rows_.RowRules, prompt: list[int]) -> list[int]:
     return prompt_step_positions(prompt, rules.step_token_ids, rules.think_start_id)
 
 
-def search_result(search: RoundSearch, candidates: list[Candidate], best: int, answer, seconds: dict):
+def search_result(
+    search: RoundSearch, candidates: list[Candidate], best: int, answer, seconds: dict
+) -> GenerationResult:
     """The search's `GenerationResult`; `answer`: the chosen beam's answer completion (None without one).
     `stats.think_decode_tokens` counts the thinking tokens fed within their requests, `stats.prefill_tokens` the
     request prompt tokens the prefix cache did not serve (each fork's re-read partial block included)."""
@@ -244,14 +246,7 @@ def search_result(search: RoundSearch, candidates: list[Candidate], best: int, a
         answer_cached_tokens=answer_cached,
         think_cached_tokens=counts.cached,
     )
-    return GenerationResult(
-        candidates=candidates,
-        best=best,
-        answer=rules.tokenizer.decode(ids, skip_special_tokens=True),
-        answer_token_ids=ids,
-        prompt_token_ids=list(prompt),
-        stats=stats,
-    )
+    return rows_.generation_result(rules, prompt, candidates, best, ids, stats)
 
 
 # -- the drivers: the same rounds, submitted synchronously (LLM.generate) or with asyncio ----------------------

@@ -6,6 +6,7 @@ import importlib.util
 import math
 
 import pytest
+from helpers import state_after_cancelling_running_rows
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -67,19 +68,8 @@ def test_cancelling_running_rows_leaves_nothing(vllm_async_shipped):
     row is aborted and every record dropped (the engine's state is read at once, with no wait)."""
     engine = vllm_async_shipped
 
-    async def run(seed: int):
-        task = asyncio.ensure_future(engine.agenerate(PROMPT, mode="high", seed=seed))  # 32 rows, ~0.3 s here
-        while not task.done() and (await engine.engine_state())["records"] == 0:  # each read is a round trip
-            pass
-        if task.done():  # it finished before a read saw its records (a much faster machine): try another seed
-            return None
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return await engine.engine_state()
-
-    states = (asyncio.run(run(seed)) for seed in range(5))
-    assert next(state for state in states if state is not None) == {"unfinished_requests": 0, "records": 0}
+    state = state_after_cancelling_running_rows(engine, lambda seed: engine.agenerate(PROMPT, mode="high", seed=seed))
+    assert state == {"unfinished_requests": 0, "records": 0}
 
 
 def test_closing_a_stream_aborts_its_answer(vllm_async_shipped):

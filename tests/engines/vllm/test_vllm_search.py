@@ -8,6 +8,7 @@ import importlib.util
 import math
 
 import pytest
+from helpers import state_after_cancelling_running_rows
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -86,19 +87,9 @@ def test_concurrent_searches_equal_each_one_alone(vllm_async_shipped):
 def test_cancelling_a_search_leaves_nothing(vllm_async_shipped):
     engine = vllm_async_shipped
 
-    async def run(seed: int):
-        task = asyncio.ensure_future(engine.asearch(PROMPT, method="beam", seed=seed, **{**OPTIONS, "beam_width": 8}))
-        while not task.done() and (await engine.engine_state())["records"] == 0:  # each read is a round trip
-            pass
-        if task.done():  # it finished before a read saw its records (a much faster machine): try another seed
-            return None
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return await engine.engine_state()
-
-    states = (asyncio.run(run(seed)) for seed in range(5))
-    assert next(state for state in states if state is not None) == {"unfinished_requests": 0, "records": 0}
+    wide = {**OPTIONS, "method": "beam", "beam_width": 8}
+    state = state_after_cancelling_running_rows(engine, lambda seed: engine.asearch(PROMPT, seed=seed, **wide))
+    assert state == {"unfinished_requests": 0, "records": 0}
 
 
 def test_search_options_are_checked_before_any_work(vllm_shipped, vllm_async_shipped):
