@@ -11,7 +11,9 @@ one prompt per call (the search takes one prompt), each prompt its own seed (--s
 - best-of-k-margin: the same with `prune="margin"` (`--prune-margin`; vLLM engine only: docs/pruning.md);
 - beam, dvts: `search(prompt, method=..., beam_width=--beam-width, expansions=--expansions)` (docs/search.md);
 - best-of-k-batched: `generate(all prompts, k=--k)` in one call (vLLM engine only), what batching across prompts
-  gives best-of-k and a synchronous search cannot have.
+  gives best-of-k and a synchronous search cannot have;
+- beam-concurrent: the beam searches of all prompts at once, `asearch` on the server's engine (vLLM's AsyncLLM,
+  `AsyncVLLMReflectiveModel`, loaded after the other flows' engine is closed): their rounds share its batches.
 
 Per flow: thinking tokens sampled (`stats.think_generated_tokens`: pruned rows' tokens included) and wall seconds,
 per prompt; the request prompt tokens that went through the model (`stats.prefill_tokens`), and for the searches the
@@ -36,8 +38,10 @@ from pathlib import Path
 from bench.common import append_csv, utc_timestamp, version_string
 from bench.real_flow import PROMPTS
 
-FLOWS = ("best-of-k", "best-of-k-margin", "beam", "dvts", "best-of-k-batched")
-VLLM_ONLY = ("best-of-k-margin", "best-of-k-batched")
+FLOWS = ("best-of-k", "best-of-k-margin", "beam", "dvts", "best-of-k-batched", "beam-concurrent")
+VLLM_ONLY = ("best-of-k-margin", "best-of-k-batched", "beam-concurrent")
+ASYNC_FLOWS = ("beam-concurrent",)  # on the async engine
+SEARCH_FLOWS = ("beam", "dvts", "beam-concurrent")
 CSV_PATH = Path(__file__).parent / "results" / "real_search.csv"
 CSV_COLUMNS = ("timestamp version machine engine threads model flow prompts k beam_width expansions prune_margin "
                "max_think_tokens seconds seconds_per_prompt think_tokens_per_prompt rounds_per_prompt "
@@ -54,6 +58,17 @@ def run_flow(name: str, engine, prompts, args) -> list:
     """The flow's GenerationResults, one per prompt."""
     if name == "best-of-k-batched":
         return engine.generate(list(prompts), k=args.k, **sampling(args, args.seed))
+    if name == "beam-concurrent":
+        import asyncio
+
+        async def together():
+            return await asyncio.gather(*(
+                engine.asearch(prompt, method="beam", beam_width=args.beam_width, expansions=args.expansions,
+                               **sampling(args, args.seed + i))
+                for i, prompt in enumerate(prompts)
+            ))  # fmt: skip
+
+        return list(asyncio.run(together()))
     out = []
     for i, prompt in enumerate(prompts):
         options = sampling(args, args.seed + i)
@@ -80,7 +95,7 @@ def measure(name: str, engine, prompts, args) -> dict:
     start = time.perf_counter()
     results = run_flow(name, engine, prompts, args)
     seconds = time.perf_counter() - start
-    n, search = len(prompts), name in ("beam", "dvts")
+    n, search = len(prompts), name in SEARCH_FLOWS
 
     def per_prompt(field: str) -> float:
         return sum(getattr(r.stats, field) or 0 for r in results) / n
@@ -92,7 +107,9 @@ def measure(name: str, engine, prompts, args) -> dict:
         "prefill_tokens_per_prompt": per_prompt("prefill_tokens"),
         "cached_tokens_per_prompt": per_prompt("think_cached_tokens") if search else "",  # generate: not counted
         "pruned_rows_per_prompt": per_prompt("pruned_rows"),
-        "outside_engine_share": outside_engine(results) if search and args.engine == "vllm" else "",
+        # concurrent searches' time inside vLLM overlaps: a share of their sum would mean nothing
+        "outside_engine_share": outside_engine(results) if search and args.engine == "vllm" and name not in
+        ASYNC_FLOWS else "",
         "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
     }  # fmt: skip
     print(f"  {name:<18} {seconds:8.1f} s  {row['think_tokens_per_prompt']:7.1f} thinking tokens per prompt  "
@@ -149,6 +166,20 @@ def parse(argv):
     return args
 
 
+def load(args, serving: bool):
+    if args.engine == "hf":
+        from sprm_kernels.model import ReflectiveModel
+
+        return ReflectiveModel.from_pretrained(args.model, device="cpu")
+    if serving:
+        from sprm_kernels.model.engines.vllm import AsyncVLLMReflectiveModel
+
+        return AsyncVLLMReflectiveModel.from_pretrained(args.model, max_model_len=1024)
+    from sprm_kernels.model.engines.vllm import VLLMReflectiveModel
+
+    return VLLMReflectiveModel.from_pretrained(args.model, max_model_len=1024)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -163,19 +194,18 @@ def main(argv=None) -> int:
     print(f"{args.engine} engine, {args.prompts} prompts, best-of-{args.k} against beam / DVTS B={args.beam_width}, "
           f"E={args.expansions}, {args.max_think_tokens} thinking tokens, temperature {args.temperature}, top_p "
           f"{args.top_p}; {command}", flush=True)  # fmt: skip
-    if args.engine == "vllm":
-        from sprm_kernels.model.engines.vllm import VLLMReflectiveModel
-
-        engine = VLLMReflectiveModel.from_pretrained(args.model, max_model_len=1024)
-    else:
-        from sprm_kernels.model import ReflectiveModel
-
-        engine = ReflectiveModel.from_pretrained(args.model, device="cpu")
-    try:
-        rows = [measure(flow, engine, prompts, args) for flow in args.flows]
-    finally:
-        if supports_close(engine):
-            engine.close()
+    measured = {}
+    synchronous = [f for f in args.flows if f not in ASYNC_FLOWS]
+    for flows, serving in ((synchronous, False), ([f for f in args.flows if f in ASYNC_FLOWS], True)):
+        if not flows:
+            continue
+        engine = load(args, serving)  # one engine at a time
+        try:
+            measured.update({flow: measure(flow, engine, prompts, args) for flow in flows})
+        finally:
+            if supports_close(engine):
+                engine.close()
+    rows = [measured[flow] for flow in args.flows]
     print()
     print(table(rows))
     if args.csv:
