@@ -164,16 +164,16 @@ SEARCH_SAMPLING_OPTIONS = (
 )  # fmt: skip
 
 
-def search_options(options: dict) -> tuple[SearchParams, dict]:
-    """`search`'s keyword options split and checked: (its shape, its sampling options). TypeError names an option
-    that is neither (e.g. `k`: a search's batch is beam_width x expansions)."""
+def search_options(options: dict) -> tuple[SearchParams, GenerationParams]:
+    """`search`'s keyword options split and checked: (its shape, its sampling as GenerationParams with k = the
+    batch, beam_width x expansions). TypeError names an option that is neither (e.g. `k`)."""
     shape = params_from(SearchParams, "search", {n: v for n, v in options.items() if n in SearchParams.names()})
     sampling = {n: v for n, v in options.items() if n not in SearchParams.names()}
     unknown = sorted(set(sampling) - set(SEARCH_SAMPLING_OPTIONS))
     if unknown:
         raise TypeError(f"search: unknown option {unknown[0]!r} (expected the fields of SearchParams and "
                         f"{', '.join(SEARCH_SAMPLING_OPTIONS)})")  # fmt: skip
-    return shape, sampling
+    return shape, GenerationParams(k=shape.beam_width * shape.expansions, **sampling)
 
 
 # -- defaults read from a model folder -----------------------------------------------------------------------------

@@ -44,6 +44,16 @@ def engine(request):
     return load_engine(SHIPPED_DIR, engine=request.param, device="cpu")
 
 
+def assert_candidates_score_as_their_ids(engine, result) -> None:
+    """Each candidate's score, step scores and positions are a plain `score()` of prompt + its thinking (fp32 on
+    every engine; the engines' logits differ from a fresh prefill only by batch composition, ~1e-7)."""
+    rescored = engine.score([result.prompt_token_ids + c.token_ids for c in result.candidates], return_all_scores=True)
+    for candidate, again in zip(result.candidates, rescored, strict=True):
+        assert candidate.score_positions == again.score_positions
+        assert math.isclose(candidate.score, again.value, rel_tol=1e-4, abs_tol=1e-6)
+        assert candidate.step_scores == pytest.approx(again.all_scores, rel=1e-4, abs=1e-6)
+
+
 def test_engine_satisfies_the_protocol_and_describes_itself(engine):
     assert isinstance(engine, Engine)
     info = engine.info()
@@ -78,11 +88,7 @@ def test_search_follows_the_shared_rules(engine, method):
     assert 2 <= len(result.candidates) <= (2 + 3 if method == "beam" else 2 * 2) and result.stats.rounds >= 1
     scores = [c.score for c in result.candidates]
     assert result.best == choose_best(scores, [c.finished for c in result.candidates])
-    rescored = engine.score([result.prompt_token_ids + c.token_ids for c in result.candidates], return_all_scores=True)
-    for candidate, again in zip(result.candidates, rescored, strict=True):
-        assert candidate.score_positions == again.score_positions
-        assert math.isclose(candidate.score, again.value, rel_tol=1e-4, abs_tol=1e-6)
-        assert len(candidate.step_scores) == len(again.all_scores)
+    assert_candidates_score_as_their_ids(engine, result)
     assert result.stats.think_generated_tokens >= max(len(c.token_ids) for c in result.candidates)
     assert 0 < len(result.answer_token_ids) <= 4
 
@@ -100,10 +106,7 @@ def test_generate_follows_the_shared_rules(engine):
     assert len(result.candidates) == 3
     scores = [c.score for c in result.candidates]
     assert result.best == choose_best(scores, [c.finished for c in result.candidates])
-    rescored = engine.score([result.prompt_token_ids + c.token_ids for c in result.candidates], return_all_scores=True)
-    for candidate, again in zip(result.candidates, rescored, strict=True):
-        assert candidate.score_positions == again.score_positions
-        assert math.isclose(candidate.score, again.value, rel_tol=1e-4, abs_tol=1e-6)
+    assert_candidates_score_as_their_ids(engine, result)
     assert result.stats.total_tokens >= len(result.prompt_token_ids)
 
 

@@ -194,8 +194,7 @@ def search(
     of the search's rounds (one per step) on stderr. `options`: the fields of `SearchParams` (method, beam_width,
     expansions, aggregate) and the sampling fields of `GenerationParams` (`core.params.SEARCH_SAMPLING_OPTIONS`),
     with their defaults."""
-    shape, sampling = search_options(options)
-    params = GenerationParams(k=shape.beam_width * shape.expansions, **sampling)
+    shape, params = search_options(options)
     backend = rm.backend if backend is None else backend
     resolve_backend(rm.device, backend)
     prompt_ids = rm.prompt_ids(prompt_or_messages)

@@ -24,7 +24,8 @@ import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
 import sprm_kernels.model.engines.vllm.search as search_
 from sprm_kernels.model.core.head import SPRMHead
-from sprm_kernels.model.core.params import GenerationParams, params_from
+from sprm_kernels.model.core.params import GenerationParams, params_from, search_options
+from sprm_kernels.model.core.steps import prompt_step_positions
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
 from sprm_kernels.model.core.types import GenerationResult, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
@@ -233,7 +234,7 @@ class AsyncVLLMReflectiveModel:
         return prompt, params
 
     def _search_inputs(self, prompt_or_messages, options):
-        shape, params = search_.search_params(options)
+        shape, params = search_options(options)
         prompt = chat_prompt_ids(self.tokenizer, prompt_or_messages)
         self._check_lengths([prompt], "prompt_or_messages", extra=1)
         return prompt, shape, params
@@ -398,7 +399,6 @@ class AsyncVLLMReflectiveModel:
         try:
             await search_.arun_rounds(search, submit_one, fetch, lambda: uuid.uuid4().hex)
             think_seconds = time.perf_counter() - clock
-            await compat.drop_async(self.engine, search.keys)
             unscored = search.unscored()
             rescored = await self._score(search.sequences(unscored), True) if unscored else []
             candidates = search.candidates(dict(zip(unscored, rescored, strict=True)))
@@ -419,13 +419,14 @@ class AsyncVLLMReflectiveModel:
     async def _prompt_logits(self, prompt: list[int]) -> dict[int, float]:
         """Head logits at the prompt positions a final rule could score, by one prefill-only request (none
         usually: the prompt precedes `<think>`)."""
-        positions = search_.prompt_positions(self.rules, prompt)
+        positions = prompt_step_positions(prompt, self.rules.step_token_ids, self.rules.think_start_id)
         if not positions:
             return {}
         key = uuid.uuid4().hex
         try:
             await compat.final_output(self.engine, *rows_.score_request(prompt, key), key)
-            logits = (await compat.fetch_async(self.engine, {key: positions}))[key][0]
-        finally:
-            await compat.drop_async(self.engine, [key])
+            logits = (await compat.fetch_async(self.engine, {key: positions}))[key][0]  # the fetch drops the record
+        except BaseException:
+            await asyncio.shield(self._forget([key], [key]))
+            raise
         return {t: z for t, z in zip(positions, logits, strict=True) if z is not None}

@@ -24,8 +24,9 @@ import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
 import sprm_kernels.model.engines.vllm.search as search_
 from sprm_kernels.model.core.head import SPRMHead
-from sprm_kernels.model.core.params import GenerationParams, params_from
+from sprm_kernels.model.core.params import GenerationParams, params_from, search_options
 from sprm_kernels.model.core.progress import progress_bar
+from sprm_kernels.model.core.steps import prompt_step_positions
 from sprm_kernels.model.core.tokens import LANGS, chat_prompt_ids
 from sprm_kernels.model.core.types import GenerationResult, ScoreResult
 from sprm_kernels.model.engines.base import EngineInfo
@@ -353,7 +354,7 @@ class VLLMReflectiveModel:
         contract: the candidates are the finished beams). Rounds are vLLM requests that stop at a step token;
         survivors are forked through the prefix cache (`search.py`). `stats.seconds`: "think" (the rounds),
         "engine" (the part of "think" inside vLLM's calls), "select" (the candidates, the choice), "answer"."""
-        shape, params = search_.search_params(options)
+        shape, params = search_options(options)
         _check_backend(backend)
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected a bool, got {progress!r}")
@@ -378,8 +379,10 @@ class VLLMReflectiveModel:
         bar = progress_bar(None, f"{shape.method} search", progress, leave=False)
         try:
             search_.run_rounds(search, submit, fetch, self._new_key, bar)
-        finally:
+        except BaseException:  # each fetch dropped its records; a request cut short may have left some
             compat.drop(self.llm, search.keys)
+            raise
+        finally:
             if bar is not None:
                 bar.close()
         think_seconds = time.perf_counter() - clock
@@ -397,15 +400,16 @@ class VLLMReflectiveModel:
     def _prompt_logits(self, prompt: list[int], submit, fetch) -> dict[int, float]:
         """Head logits at the prompt positions a final rule could score, by one prefill-only request (none
         usually: the prompt precedes `<think>`)."""
-        positions = search_.prompt_positions(self.rules, prompt)
+        positions = prompt_step_positions(prompt, self.rules.step_token_ids, self.rules.think_start_id)
         if not positions:
             return {}
         key = self._new_key()
         try:
             submit([rows_.score_request(prompt, key)])
-            logits = fetch({key: positions})[key][0]
-        finally:
+            logits = fetch({key: positions})[key][0]  # the fetch drops the record
+        except BaseException:
             compat.drop(self.llm, [key])
+            raise
         return {t: z for t, z in zip(positions, logits, strict=True) if z is not None}
 
 

@@ -29,18 +29,12 @@ from dataclasses import dataclass, field, replace
 
 import sprm_kernels.model.engines.vllm.compat as compat
 import sprm_kernels.model.engines.vllm.rows as rows_
-from sprm_kernels.model.core.params import GenerationParams, SearchParams, search_options
+from sprm_kernels.model.core.params import GenerationParams, SearchParams
 from sprm_kernels.model.core.selection import search_survivors
-from sprm_kernels.model.core.steps import is_scorable_pair, prompt_step_positions, scored_positions_list
+from sprm_kernels.model.core.steps import is_scorable_pair, scored_positions_list
 from sprm_kernels.model.core.types import Candidate, GenerationResult, GenerationStats
 from sprm_kernels.model.engines.vllm.recorder import EXTRA_KEY
 from sprm_kernels.reference import LOG_PROB_EPS
-
-
-def search_params(options: dict) -> tuple[SearchParams, GenerationParams]:
-    """The search's shape and its sampling, checked, from `search`'s keyword options (the HF engine's)."""
-    shape, sampling = search_options(options)
-    return shape, GenerationParams(k=shape.beam_width * shape.expansions, **sampling)
 
 
 @dataclass
@@ -215,11 +209,6 @@ def search_seed(seed: int | None, round_: int, row: int, attempt: int) -> int | 
     if seed is None:
         return None
     return (((seed * 1_000_003 + round_) * 1_000_033 + row) * 101 + attempt) % (2**63)
-
-
-def prompt_positions(rules: rows_.RowRules, prompt: list[int]) -> list[int]:
-    """The prompt positions a final rule could score (rules 1-3): scored once by a prefill-only request."""
-    return prompt_step_positions(prompt, rules.step_token_ids, rules.think_start_id)
 
 
 def search_result(
