@@ -54,6 +54,8 @@ def run(args) -> int:
         raise UsageError(f"--{next(iter(pruning)).replace('_', '-')}: pruning is for best-of-k, not --search")
     if pruning.get("prune", "none") != "none" and args.engine != "vllm":
         raise UsageError(f"--prune: the {args.engine} engine does not prune (use --engine vllm)")
+    if args.method and (args.mode or args.k):
+        raise UsageError("--search: the batch is --beam-width x --expansions rows; --mode and --k do not apply")
     model = load_model(args.model, args.device, args.threads, args.engine)
     options, overflow = generation_plan(
         model, args.question, **params_given(args, GenerationParams, GENERATION_OPTIONS)
@@ -62,8 +64,6 @@ def run(args) -> int:
         raise UsageError(f"--max-think-tokens, --max-answer-tokens: the {overflow}")
     if args.method and not supports_search(model):
         raise UsageError(f"--search: the {args.engine} engine has no step-level search")
-    if args.method and (args.mode or args.k):
-        raise UsageError("--search: the batch is --beam-width x --expansions rows; --mode and --k do not apply")
     try:
         if args.method:
             search = params_given(args, SearchParams)

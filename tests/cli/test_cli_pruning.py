@@ -37,6 +37,8 @@ def test_generate_refuses_pruning_where_it_cannot_apply(capsys, model_dir, monke
     assert "argument --prune" in usage_error(capsys, "generate", "1+1=?", "--prune", "beam")
     assert "argument --prune-keep" in usage_error(capsys, "generate", "1+1=?", "--prune-keep", "0")
     assert "argument --confidence-window" in usage_error(capsys, "generate", "1+1=?", "--confidence-window", "x")
+    err = usage_error(capsys, "generate", "1+1=?", "--model", model_dir, "--search", "beam", "--k", "4")
+    assert "--search: the batch is --beam-width x --expansions rows; --mode and --k do not apply" in err
 
 
 @pytest.mark.parametrize(
